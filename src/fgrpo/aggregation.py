@@ -1,0 +1,149 @@
+"""Server-side aggregation: pure functions over per-client statistics.
+
+FGRPO weights each participant by its *relative performance gain* against its own history:
+
+    first participation:  b_k <- r_start_k,   s_k <- max(std_k, floor * range_k)
+    gain ("z"):           g_k = (r_end_k - b_k) / max(s_k, floor * range_k)
+    gain ("ratio"):       g_k = (r_end_k - b_k) / max(|b_k|, floor * range_k)
+    weights:              w_k ∝ p_k^alpha * exp(g_k / tau),   p_k = n_k / sum_j n_j
+                          w <- (1 - lambda) * w + lambda / |S|
+    global step:          theta <- theta + eta * sum_k w_k * delta_k
+    baseline update:      b_k <- m * b_k + (1 - m) * r_end_k,   s_k <- m * s_k + (1 - m) * std_k
+
+``range_k`` is the client's reward range (max - min reward of its verifier), so the floor scales
+with the client's rewards: multiplying them by c > 0 leaves both gain forms unchanged, and the z
+form is also unchanged by adding a constant. Clients absent from a round keep their state.
+
+``fedavg`` is the reference: w_k = p_k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """What the server learns about one client in one round (besides its delta)."""
+
+    client_id: str
+    num_prompts: int  # n_k
+    reward_start: float  # r_start: mean reward of the first local step's rollouts
+    reward_end: float  # r_end: mean reward of the last local step's rollouts
+    reward_std: float  # mean within-group reward std
+    reward_range: float  # max - min reward of the client's verifier
+
+
+@dataclass(frozen=True)
+class ClientBaseline:
+    """Server state per client id (b_k, s_k and the reward range it has reported)."""
+
+    baseline: float
+    spread: float
+    reward_range: float
+    rounds: int = 0
+
+
+@dataclass(frozen=True)
+class FGRPOSettings:
+    gain_form: str = "z"
+    tau: float = 1.0
+    baseline_momentum: float = 0.5
+    uniform_mix: float = 0.1
+    size_exponent: float = 0.0
+    gain_floor: float = 0.05
+
+
+@dataclass
+class RoundWeights:
+    weights: list[float]  # one per participant, summing to 1
+    gains: list[float | None]  # g_k (None for strategies without gains)
+    client_baselines: dict[str, ClientBaseline]  # server state after this round
+
+
+def data_shares(stats: list[ClientStats]) -> list[float]:
+    """p_k = n_k / sum_j n_j."""
+    total = sum(s.num_prompts for s in stats)
+    return [s.num_prompts / total for s in stats]
+
+
+def init_baselines(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
+                   floor: float) -> dict[str, ClientBaseline]:
+    """Add first-time participants: b_k = r_start_k, s_k = max(std_k, floor * range_k)."""
+    out = dict(client_baselines)
+    for s in stats:
+        if s.client_id not in out:
+            out[s.client_id] = ClientBaseline(s.reward_start, max(s.reward_std, floor * s.reward_range),
+                                              s.reward_range)
+    return out
+
+
+def relative_gain(s: ClientStats, state: ClientBaseline, form: str, floor: float) -> float:
+    """g_k: the client's improvement over its own baseline, in units of its own reward scale."""
+    reward_range = max(state.reward_range, s.reward_range)
+    if form == "z":
+        scale = max(state.spread, floor * reward_range)
+    elif form == "ratio":
+        scale = max(abs(state.baseline), floor * reward_range)
+    else:
+        raise ValueError(f"unknown gain form {form!r}")
+    return (s.reward_end - state.baseline) / scale
+
+
+def gain_weights(gains: list[float], shares: list[float], tau: float, size_exponent: float,
+                 uniform_mix: float) -> list[float]:
+    """w_k ∝ p_k^alpha * exp(g_k / tau), then mixed with uniform: (1 - lambda) w + lambda / |S|."""
+    logits = torch.tensor([size_exponent * math.log(p) + g / tau for g, p in zip(gains, shares)],
+                          dtype=torch.float64)
+    w = torch.softmax(logits, dim=0)
+    w = (1 - uniform_mix) * w + uniform_mix / len(gains)
+    return w.tolist()
+
+
+def update_baselines(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
+                     momentum: float) -> dict[str, ClientBaseline]:
+    """EMA of each participant's baseline and spread; absent clients are unchanged."""
+    out = dict(client_baselines)
+    for s in stats:
+        old = out[s.client_id]
+        out[s.client_id] = replace(
+            old,
+            baseline=momentum * old.baseline + (1 - momentum) * s.reward_end,
+            spread=momentum * old.spread + (1 - momentum) * s.reward_std,
+            reward_range=max(old.reward_range, s.reward_range),
+            rounds=old.rounds + 1,
+        )
+    return out
+
+
+def fgrpo(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
+          settings: FGRPOSettings) -> RoundWeights:
+    """FGRPO adaptive aggregation weights for one round."""
+    states = init_baselines(stats, client_baselines, settings.gain_floor)
+    gains = [relative_gain(s, states[s.client_id], settings.gain_form, settings.gain_floor)
+             for s in stats]
+    weights = gain_weights(gains, data_shares(stats), settings.tau, settings.size_exponent,
+                           settings.uniform_mix)
+    return RoundWeights(weights, gains, update_baselines(stats, states, settings.baseline_momentum))
+
+
+def fedavg(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
+           settings: FGRPOSettings) -> RoundWeights:
+    """FedAvg: w_k = p_k; server state is left as it is."""
+    return RoundWeights(data_shares(stats), [None] * len(stats), dict(client_baselines))
+
+
+STRATEGIES = {"fgrpo": fgrpo, "fedavg": fedavg}
+
+
+def apply_update(global_params: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]],
+                 weights: list[float], server_lr: float) -> dict[str, torch.Tensor]:
+    """theta_{t+1} = theta_t + eta * sum_k w_k * delta_k (new tensors; inputs untouched)."""
+    out = {}
+    for name, theta in global_params.items():
+        step = sum(w * d[name].to(torch.float32) for w, d in zip(weights, deltas))
+        out[name] = (theta.to(torch.float32) + server_lr * step).to(theta.dtype)
+    return out

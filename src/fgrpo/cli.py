@@ -1,0 +1,55 @@
+"""Command line: ``fgrpo run`` (every config key is also an option; see ``fgrpo run --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fgrpo.config import ConfigError, RunConfig, build_config, config_fields
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fgrpo", description="Federated GRPO with adaptive "
+                                     "aggregation by relative performance gain.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one federated GRPO experiment",
+                         description="Run one federated GRPO experiment. Every option is also a "
+                         "TOML key (snake_case) of --config; the command line wins.")
+    run.add_argument("--config", metavar="FILE.toml", help="TOML file with config keys (default: none)")
+    defaults = RunConfig()
+    for f in config_fields():
+        default = getattr(defaults, f.name)
+        run.add_argument(_option(f.name), dest=f.name, metavar=type(default).__name__.upper(),
+                         default=None, help=f"{f.metadata['doc']} (default: {default!r})")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) is not None}
+    cfg = build_config(args.config, overrides)
+    from fgrpo.runner import run_experiment
+
+    run_experiment(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"fgrpo: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fgrpo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

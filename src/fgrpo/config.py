@@ -1,0 +1,220 @@
+"""Run configuration: one flat, typed, documented dataclass.
+
+Every field is a TOML key (``rounds = 12``) and a command-line option (``--rounds 12``); the
+command line wins over the file. ``validate`` checks every value before any work starts and
+raises :class:`ConfigError`, whose message names the key, the value and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = ("fgrpo", "fedavg")
+SCENARIOS = ("scale-skew", "task-skew")
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+GAIN_FORMS = ("z", "ratio")
+SCALE_REWARDS = ("group", "none")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line meant for the user."""
+
+
+def _f(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class RunConfig:
+    # --- experiment ---------------------------------------------------------------------------
+    model: str = _f("embedded", "'embedded' (tiny local model, built and cached on first use), a "
+                    "local folder with a Hugging Face causal LM, or a hub name.")
+    scenario: str = _f("scale-skew", f"Non-IID scenario: one of {', '.join(SCENARIOS)}.")
+    strategy: str = _f("fgrpo", f"Server aggregation: one of {', '.join(STRATEGIES)}.")
+    seed: int = _f(0, "Seed for data, model init, client sampling and rollouts.")
+    rounds: int = _f(12, "Federated rounds.")
+    num_clients: int = _f(4, "Number of clients (data owners).")
+    fraction: float = _f(1.0, "Fraction of clients sampled each round, in (0, 1].")
+    train_size: int = _f(2000, "Training prompts per client.")
+    eval_size: int = _f(200, "Held-out prompts per task for evaluation (at most 200).")
+    eval_every: int = _f(1, "Evaluate the global model every N rounds (and always after the last).")
+    # --- local GRPO -----------------------------------------------------------------------------
+    local_steps: int = _f(20, "Local GRPO steps per client per round (E).")
+    prompts_per_step: int = _f(8, "Prompts per local step (B).")
+    group_size: int = _f(8, "Completions sampled per prompt (G).")
+    max_new_tokens: int = _f(8, "Maximum completion length in tokens.")
+    temperature: float = _f(1.0, "Sampling temperature for rollouts (log-probs use the same).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold for rollouts, in (0, 1].")
+    lr: float = _f(2e-3, "AdamW learning rate on the LoRA parameters.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient norm clip per optimizer step (0 disables).")
+    loss_type: str = _f("grpo", f"Token aggregation of the loss: one of {', '.join(LOSS_TYPES)}.")
+    scale_rewards: str = _f("group", "'group': divide advantages by the group's reward std; "
+                            "'none': do not (Dr. GRPO).")
+    beta: float = _f(0.0, "Weight of the k3 KL penalty to the reference (adapter-disabled) model.")
+    epsilon_low: float = _f(0.2, "Lower clip range of the importance ratio.")
+    epsilon_high: float = _f(0.2, "Upper clip range of the importance ratio.")
+    mu: int = _f(1, "Optimizer iterations per batch of rollouts.")
+    kl_bias_correction: bool = _f(False, "Multiply the KL term by the importance ratio (TRL's "
+                                  "use_bias_correction_kl); changes the KL gradient when beta > 0.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    # --- server ---------------------------------------------------------------------------------
+    server_lr: float = _f(1.0, "Server learning rate eta: theta += eta * sum_k w_k * delta_k.")
+    gain_form: str = _f("z", "FGRPO gain: 'z' = (r_end - b) / s (scale and shift invariant), "
+                        "'ratio' = (r_end - b) / |b| (scale invariant).")
+    tau: float = _f(1.0, "FGRPO softmax temperature on the gains (> 0).")
+    baseline_momentum: float = _f(0.5, "EMA momentum of each client's baseline and spread, in [0, 1).")
+    uniform_mix: float = _f(0.1, "Mix of the uniform distribution into the weights (lambda), in [0, 1].")
+    size_exponent: float = _f(0.0, "Exponent alpha on the data share p_k (0 ignores data size).")
+    gain_floor: float = _f(0.05, "Floor of the gain denominator, as a fraction of the client's "
+                           "reward range.")
+    # --- system ---------------------------------------------------------------------------------
+    device: str = _f("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'.")
+    out: str = _f("", "Run directory; empty means runs/<date-time>-<scenario>-<strategy>.")
+    cache_dir: str = _f("", "Cache for the embedded model; empty means $FGRPO_CACHE or the user "
+                        "cache folder.")
+    warm_start_steps: int = _f(600, "Supervised warm-start steps of the embedded model.")
+
+    def validate(self) -> RunConfig:
+        """Check every value; raise ConfigError naming the first bad one."""
+        choices = {
+            "scenario": SCENARIOS, "strategy": STRATEGIES, "loss_type": LOSS_TYPES,
+            "gain_form": GAIN_FORMS, "scale_rewards": SCALE_REWARDS,
+            "device": ("auto", "cpu", "cuda"),
+        }
+        for key, valid in choices.items():
+            value = getattr(self, key)
+            if value not in valid:
+                raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(valid)}")
+        at_least_one = ("rounds", "num_clients", "train_size", "eval_size", "eval_every",
+                        "local_steps", "prompts_per_step", "max_new_tokens", "mu", "lora_r",
+                        "lora_alpha")
+        for key in at_least_one:
+            _check(key, getattr(self, key), getattr(self, key) >= 1, "an integer >= 1")
+        _check("eval_size", self.eval_size, self.eval_size <= 200, "1 <= eval_size <= 200")
+        _check("group_size", self.group_size, self.group_size >= 2, "an integer >= 2")
+        _check("warm_start_steps", self.warm_start_steps, self.warm_start_steps >= 0, ">= 0")
+        _check("fraction", self.fraction, 0 < self.fraction <= 1, "0 < fraction <= 1")
+        _check("top_p", self.top_p, 0 < self.top_p <= 1, "0 < top_p <= 1")
+        _check("temperature", self.temperature, self.temperature > 0, "> 0")
+        _check("lr", self.lr, self.lr > 0, "> 0")
+        _check("tau", self.tau, self.tau > 0, "> 0")
+        _check("server_lr", self.server_lr, self.server_lr > 0, "> 0")
+        _check("gain_floor", self.gain_floor, self.gain_floor > 0, "> 0")
+        for key in ("weight_decay", "max_grad_norm", "beta", "epsilon_low", "epsilon_high",
+                    "size_exponent"):
+            _check(key, getattr(self, key), getattr(self, key) >= 0, ">= 0")
+        _check("epsilon_low", self.epsilon_low, self.epsilon_low < 1, "0 <= epsilon_low < 1")
+        _check("lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "0 <= value < 1")
+        _check("uniform_mix", self.uniform_mix, 0 <= self.uniform_mix <= 1, "0 <= value <= 1")
+        _check("baseline_momentum", self.baseline_momentum, 0 <= self.baseline_momentum < 1,
+               "0 <= value < 1")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("device = 'cuda' but no CUDA device is available; valid here: auto, cpu")
+        if self.model != "embedded" and _looks_like_path(self.model) and not Path(self.model).is_dir():
+            raise ConfigError(f"model = {self.model!r}: no such folder; give 'embedded', a local "
+                              "folder with config.json, or a hub name like 'Qwen/Qwen2.5-0.5B-Instruct'")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.count("/") != 1 or Path(model).exists()
+
+
+def _check(key: str, value: Any, ok: bool, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is out of range; valid: {valid}")
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(RunConfig))
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert ``value`` to the declared type of ``key`` (exact for TOML, parsed for CLI text)."""
+    kind = type(getattr(RunConfig(), key))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} = {value!r} has the wrong type; expected {kind.__name__}")
+
+
+def build_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Config from defaults, then a TOML file, then overrides (e.g. from the CLI); validated."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        path = Path(file)
+        try:
+            with path.open("rb") as fh:
+                loaded = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+        values.update(_known(loaded, source=str(path)))
+    values.update(_known(overrides or {}, source="command line"))
+    return RunConfig(**{k: coerce(k, v) for k, v in values.items()}).validate()
+
+
+def _known(values: dict[str, Any], source: str) -> dict[str, Any]:
+    names = [f.name for f in config_fields()]
+    out = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {raw_key!r} in {source}{hint}")
+        out[key] = value
+    return out
+
+
+def to_toml(config: RunConfig) -> str:
+    """The resolved config as TOML (flat, one key per line)."""
+    lines = []
+    for f in config_fields():
+        value = getattr(config, f.name)
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        else:
+            text = repr(value)
+        lines.append(f"{f.name} = {text}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,162 @@
+"""Models: the embedded default (a tiny character-level Llama, built and warm-started locally)
+and any Hugging Face causal LM, both wrapped with one LoRA adapter (PEFT).
+
+The embedded model is built from ``EMBEDDED_CONFIG``, given a short supervised warm start on
+procedurally generated examples of the default task families (never their test prompts), and
+saved with ``save_pretrained`` under the cache folder, keyed by a fingerprint of everything that
+determines it; later runs load it from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from platformdirs import user_cache_dir
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from fgrpo import tasks
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = string.ascii_letters + string.digits + string.punctuation + " "
+EMBEDDED_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                       tie_word_embeddings=True, rms_norm_eps=1e-5)
+WARM_START = dict(batch_size=64, lr=3e-3, examples_per_task=4000, seed=1234, version=1)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one token per printable ASCII character, BOS prepended."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **EMBEDDED_CONFIG)
+    return LlamaForCausalLM(config)
+
+
+def cache_root(cache_dir: str = "") -> Path:
+    return Path(cache_dir or os.environ.get("FGRPO_CACHE") or user_cache_dir("fgrpo"))
+
+
+def embedded_fingerprint(warm_start_steps: int) -> str:
+    spec = dict(model=EMBEDDED_CONFIG, warm=WARM_START, steps=warm_start_steps, chars=CHARS,
+                tasks={t: tasks.TASKS[t].rg_config for t in tasks.DEFAULT_TASKS})
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def embedded_model_path(warm_start_steps: int, cache_dir: str = "", progress=None) -> Path:
+    """Folder of the warm-started embedded model; builds it on first use (atomically)."""
+    path = cache_root(cache_dir) / f"embedded-{embedded_fingerprint(warm_start_steps)}"
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = char_tokenizer()
+    model = build_tiny_model(tokenizer, seed=WARM_START["seed"])
+    warm_start(model, tokenizer, warm_start_steps, progress=progress)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished first; keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: list[tasks.Example]):
+    """Right-padded ids and labels for supervised training on answer tokens + EOS."""
+    rows, labels = [], []
+    for ex in examples:
+        prompt = tokenizer(ex.prompt)["input_ids"]
+        answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+    return ids, (ids != pad).long(), lab
+
+
+def warm_start(model, tokenizer, steps: int, progress=None) -> None:
+    """Short supervised warm start on generated examples of the default tasks (no test prompts)."""
+    if steps == 0:
+        return
+    cfg = WARM_START
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    pool = [ex for task in tasks.DEFAULT_TASKS
+            for ex in tasks.train_split(task, cfg["examples_per_task"], seed=cfg["seed"],
+                                        salt="warm-start")]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    task_id = progress.add_task("warm start (embedded model)", total=steps) if progress else None
+    for _ in range(steps):
+        idx = torch.randint(len(pool), (cfg["batch_size"],), generator=gen).tolist()
+        ids, mask, labels = sft_batch(tokenizer, [pool[i] for i in idx])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if progress:
+            progress.update(task_id, advance=1)
+    model.eval()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_base(model: str, device: torch.device, warm_start_steps: int = 600, cache_dir: str = "",
+              progress=None):
+    """(model, tokenizer) for 'embedded', a local folder, or a hub name; frozen, left padding."""
+    path = embedded_model_path(warm_start_steps, cache_dir, progress) if model == "embedded" else model
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    base.eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base, tokenizer
+
+
+def add_lora(base, r: int, alpha: int, dropout: float, seed: int) -> PeftModel:
+    """Wrap the base model with one LoRA adapter on every linear layer (lm_head excluded)."""
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(base, config)

@@ -1,0 +1,89 @@
+"""``fgrpo run``: drive the in-process federation, show progress, write the run directory."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fgrpo.config import ConfigError, RunConfig
+from fgrpo.rundir import MetricsLog, build_summary, make_run_dir, plot_accuracy, write_json_atomic
+
+
+def run_experiment(cfg: RunConfig, console: Console | None = None) -> dict:
+    """Run ``cfg`` to completion; returns summary.json's content."""
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    run_dir = make_run_dir(cfg)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    console.print(f"[bold]fgrpo run[/bold]: {cfg.strategy} on {cfg.scenario}, model {cfg.model}, "
+                  f"{cfg.num_clients} clients, {cfg.rounds} rounds, seed {cfg.seed} -> {run_dir}")
+    with _progress(console) as progress:
+        from fgrpo.simulation import Federation
+
+        try:
+            fed = Federation(cfg, progress=progress)
+        except OSError as err:  # a hub name that cannot be reached, a folder without a model
+            reason = str(err).splitlines()[0]
+            raise ConfigError(f"model = {cfg.model!r} could not be loaded: {reason}") from None
+        row = fed.eval_row(0)
+        metrics.write([row])
+        console.print(f"round 0: macro accuracy {row['macro_accuracy']:.3f}  "
+                      + "  ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in row.items()
+                                  if k.startswith("accuracy/")))
+        bar = progress.add_task("rounds", total=cfg.rounds)
+        clients_bar = progress.add_task("clients", total=len(fed.clients))
+        for rnd in range(1, cfg.rounds + 1):
+            progress.reset(clients_bar, total=max(1, round(cfg.fraction * len(fed.clients))))
+            t0 = time.perf_counter()
+            rows = fed.run_round(rnd, on_client_done=lambda c: progress.advance(clients_bar))
+            metrics.write(rows)
+            console.print(_round_table(rnd, rows, time.perf_counter() - t0))
+            progress.advance(bar)
+    adapter_path = run_dir / "adapter"
+    fed.save_adapter(adapter_path)
+    plot_accuracy(metrics.rows, run_dir / "plots" / "accuracy.png")
+    summary = build_summary(cfg, metrics.rows, time.perf_counter() - start, adapter_path)
+    write_json_atomic(run_dir / "summary.json", summary)
+    console.print(_summary_table(summary))
+    console.print(f"run directory: {run_dir}")
+    return summary
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
+def _round_table(rnd: int, rows: list[dict], seconds: float) -> Table:
+    table = Table(title=f"round {rnd} ({seconds:.1f} s)", title_justify="left", box=None)
+    for col in ("client", "task", "scale", "r_start", "r_end", "train acc", "gain", "weight"):
+        table.add_column(col, justify="right" if col not in ("client", "task", "scale") else "left")
+    for r in rows:
+        if r["kind"] != "client":
+            continue
+        gain = "-" if r["gain"] is None else f"{r['gain']:+.2f}"
+        table.add_row(r["client_id"], r["task"], r["reward_scale"], f"{r['reward_start']:.2f}",
+                      f"{r['reward_end']:.2f}", f"{r['train_accuracy']:.2f}", gain, f"{r['weight']:.2f}")
+    evals = [r for r in rows if r["kind"] == "eval"]
+    if evals:
+        e = evals[0]
+        table.caption = (f"global model: macro accuracy {e['macro_accuracy']:.3f}, worst task "
+                         f"{e['worst_task_accuracy']:.3f}")
+        table.caption_justify = "left"
+    return table
+
+
+def _summary_table(summary: dict) -> Table:
+    table = Table(title="final held-out accuracy (greedy)", title_justify="left")
+    table.add_column("task")
+    table.add_column("round 0", justify="right")
+    table.add_column("final", justify="right")
+    for task, acc in summary["per_task_accuracy"].items():
+        table.add_row(task, f"{summary['initial_per_task_accuracy'][task]:.3f}", f"{acc:.3f}")
+    table.add_row("[bold]macro[/bold]", f"{summary['initial_macro_accuracy']:.3f}",
+                  f"[bold]{summary['final_macro_accuracy']:.3f}[/bold]")
+    table.caption = f"{summary['wall_seconds']:.0f} s"
+    return table

@@ -1,0 +1,142 @@
+"""Property tests of the aggregation weights (DESIGN section 4), on hand-made statistics."""
+
+import math
+
+import pytest
+import torch
+
+from fgrpo.aggregation import (
+    ClientBaseline,
+    ClientStats,
+    FGRPOSettings,
+    apply_update,
+    fedavg,
+    fgrpo,
+    gain_weights,
+    relative_gain,
+)
+
+STATS = [
+    ClientStats("a", 40, 0.2, 0.5, 0.3, 1.0),
+    ClientStats("b", 80, 3.0, 2.0, 2.5, 10.0),
+    ClientStats("c", 40, 0.6, 0.7, 0.2, 1.0),
+    ClientStats("d", 160, -0.8, -0.2, 0.6, 2.0),
+]
+HISTORY = {
+    "a": ClientBaseline(0.3, 0.25, 1.0, 3),
+    "b": ClientBaseline(2.5, 3.0, 10.0, 3),
+    "c": ClientBaseline(0.65, 0.1, 1.0, 3),
+    "d": ClientBaseline(-0.5, 0.5, 2.0, 3),
+}
+
+
+def transformed(stats, history, client, scale=1.0, shift=0.0):
+    """Client ``client``'s rewards multiplied by ``scale`` then shifted by ``shift``."""
+    def s(x):
+        return x.client_id == client
+
+    stats = [ClientStats(x.client_id, x.num_prompts, x.reward_start * scale + shift,
+                         x.reward_end * scale + shift, x.reward_std * scale, x.reward_range * scale)
+             if s(x) else x for x in stats]
+    history = {k: (ClientBaseline(v.baseline * scale + shift, v.spread * scale, v.reward_range * scale,
+                                  v.rounds) if k == client else v) for k, v in history.items()}
+    return stats, history
+
+
+@pytest.mark.parametrize("form", ["z", "ratio"])
+@pytest.mark.parametrize("history", [{}, HISTORY], ids=["first-round", "with-history"])
+def test_weights_sum_to_one_and_are_floored(form, history):
+    settings = FGRPOSettings(gain_form=form, tau=0.5, uniform_mix=0.2, size_exponent=1.0)
+    w = fgrpo(STATS, history, settings).weights
+    assert math.isclose(sum(w), 1.0, abs_tol=1e-12)
+    assert all(x >= 0.2 / len(STATS) - 1e-12 for x in w)
+
+
+@pytest.mark.parametrize("form", ["z", "ratio"])
+@pytest.mark.parametrize("scale", [1e-3, 0.5, 7.0, 1e4])
+@pytest.mark.parametrize("client", ["a", "b", "d"])
+def test_weights_invariant_to_reward_scale(form, scale, client):
+    settings = FGRPOSettings(gain_form=form, tau=0.7, size_exponent=0.5)
+    for history in ({}, HISTORY):
+        before = fgrpo(STATS, history, settings).weights
+        after = fgrpo(*transformed(STATS, history, client, scale=scale), settings).weights
+        assert after == pytest.approx(before, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("shift", [-5.0, 0.3, 100.0])
+def test_z_weights_invariant_to_reward_shift(shift):
+    settings = FGRPOSettings(gain_form="z")
+    for history in ({}, HISTORY):
+        before = fgrpo(STATS, history, settings).weights
+        after = fgrpo(*transformed(STATS, history, "b", shift=shift), settings).weights
+        assert after == pytest.approx(before, rel=1e-9)
+
+
+def test_ratio_weights_do_change_with_a_shift():
+    """The ratio form is not shift invariant (documented); the test shows it can fail."""
+    settings = FGRPOSettings(gain_form="ratio")
+    before = fgrpo(STATS, HISTORY, settings).weights
+    after = fgrpo(*transformed(STATS, HISTORY, "b", shift=50.0), settings).weights
+    assert after != pytest.approx(before, rel=1e-3)
+
+
+def test_reward_weighted_strawman_is_scale_sensitive_but_fgrpo_is_not():
+    """Sanity check that the invariance test would catch a scale-sensitive rule."""
+    raw = [s.reward_end for s in STATS]
+    scaled = [s.reward_end for s in transformed(STATS, {}, "b", scale=10.0)[0]]
+    softmax = lambda x: torch.softmax(torch.tensor(x), 0).tolist()
+    assert softmax(raw) != pytest.approx(softmax(scaled))
+
+
+def test_first_participation_initialises_baseline():
+    settings = FGRPOSettings(baseline_momentum=0.5, gain_floor=0.05)
+    out = fgrpo(STATS[:1], {}, settings)
+    a = STATS[0]
+    # b_a starts at r_start = 0.2, then EMA with r_end = 0.5 -> 0.35
+    assert out.client_baselines["a"].baseline == pytest.approx(0.5 * 0.2 + 0.5 * 0.5)
+    # gain computed against b = r_start and s = std: (0.5 - 0.2) / 0.3 = 1
+    assert out.gains[0] == pytest.approx((a.reward_end - a.reward_start) / a.reward_std)
+    assert out.client_baselines["a"].rounds == 1
+
+
+def test_absent_clients_keep_their_state():
+    out = fgrpo(STATS[:2], HISTORY, FGRPOSettings())
+    assert out.client_baselines["c"] == HISTORY["c"]
+    assert out.client_baselines["d"] == HISTORY["d"]
+    assert out.client_baselines["a"] != HISTORY["a"]
+
+
+def test_gain_uses_floor_relative_to_reward_range():
+    state = ClientBaseline(0.0, 0.0, 2.0)
+    stats = ClientStats("x", 8, 0.0, 0.1, 0.0, 2.0)
+    assert relative_gain(stats, state, "z", 0.05) == pytest.approx(0.1 / (0.05 * 2.0))
+    assert relative_gain(stats, state, "ratio", 0.05) == pytest.approx(0.1 / (0.05 * 2.0))
+
+
+def test_gain_weights_formula_by_hand():
+    gains, shares = [1.0, 0.0, -1.0], [0.5, 0.25, 0.25]
+    w = gain_weights(gains, shares, tau=2.0, size_exponent=1.0, uniform_mix=0.1)
+    raw = [p * math.exp(g / 2.0) for g, p in zip(gains, shares)]
+    expected = [0.9 * r / sum(raw) + 0.1 / 3 for r in raw]
+    assert w == pytest.approx(expected, rel=1e-12)
+
+
+def test_higher_gain_gets_higher_weight():
+    history = {k: ClientBaseline(0.5, 0.1, 1.0) for k in "xy"}
+    stats = [ClientStats("x", 8, 0.5, 0.9, 0.1, 1.0), ClientStats("y", 8, 0.5, 0.4, 0.1, 1.0)]
+    w = fgrpo(stats, history, FGRPOSettings()).weights
+    assert w[0] > w[1]
+
+
+def test_fedavg_is_data_share():
+    w = fedavg(STATS, {}, FGRPOSettings()).weights
+    total = sum(s.num_prompts for s in STATS)
+    assert w == pytest.approx([s.num_prompts / total for s in STATS])
+
+
+def test_apply_update_by_hand():
+    theta = {"w": torch.tensor([1.0, 2.0])}
+    deltas = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 4.0])}]
+    out = apply_update(theta, deltas, [0.25, 0.75], server_lr=2.0)
+    assert torch.allclose(out["w"], torch.tensor([1.0 + 2 * 0.25, 2.0 + 2 * 3.0]))
+    assert torch.equal(theta["w"], torch.tensor([1.0, 2.0]))  # input untouched

@@ -1,0 +1,93 @@
+"""Local GRPO pieces on hand-computed tensors, plus one real local step on a tiny model."""
+
+import pytest
+import torch
+
+from fgrpo import tasks
+from fgrpo.grpo import GRPOSettings, generate, group_advantages, grpo_loss, local_grpo, per_token_logps
+from fgrpo.model import add_lora, build_tiny_model, char_tokenizer
+from fgrpo.simulation import prompt_batches
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 5.0, 5.0, 5.0, 5.0])
+    adv = group_advantages(rewards, group_size=4)
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std()  # unbiased, as TRL
+    assert torch.allclose(adv[:4], (torch.tensor([1.0, 0.0, 0.0, 1.0]) - 0.5) / (std + 1e-4))
+    assert torch.equal(adv[4:], torch.zeros(4))  # equal rewards carry no signal
+    assert torch.allclose(group_advantages(rewards, 4, scale=False)[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_advantages_are_scale_free_only_with_std_division():
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    assert torch.allclose(group_advantages(rewards, 4), group_advantages(rewards * 10, 4), atol=1e-3)
+    assert not torch.allclose(group_advantages(rewards, 4, False), group_advantages(rewards * 10, 4, False))
+
+
+def test_loss_types_by_hand():
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([2.0, -1.0])
+    # mu = 1: ratio = 1, per-token loss = -A
+    grpo, _ = grpo_loss(logps, None, None, adv, mask, "grpo")
+    assert grpo.item() == pytest.approx(((-2 * 2) / 2 + (1 * 3) / 3) / 2)
+    dapo, _ = grpo_loss(logps, None, None, adv, mask, "dapo")
+    assert dapo.item() == pytest.approx((-2 * 2 + 1 * 3) / 5)
+    dr, _ = grpo_loss(logps, None, None, adv, mask, "dr_grpo", max_completion_length=4)
+    assert dr.item() == pytest.approx((-2 * 2 + 1 * 3) / (2 * 4))
+    with pytest.raises(ValueError):
+        grpo_loss(logps, None, None, adv, mask, "nope")
+
+
+def test_clip_and_kl_by_hand():
+    logps = torch.tensor([[0.0]])
+    old = torch.tensor([[-1.0]])  # ratio = e > 1 + eps
+    ref = torch.tensor([[-0.5]])
+    loss, metrics = grpo_loss(logps, old, ref, torch.tensor([1.0]), torch.ones(1, 1), "grpo", beta=0.1)
+    kl = torch.exp(torch.tensor(-0.5)) + 0.5 - 1
+    assert loss.item() == pytest.approx(-1.2 + 0.1 * kl.item())
+    assert metrics["clip_ratio"] == 1.0
+    assert metrics["kl"] == pytest.approx(kl.item())
+
+
+@pytest.fixture(scope="module")
+def tiny_lora():
+    tokenizer = char_tokenizer()
+    model = add_lora(build_tiny_model(tokenizer, seed=0), r=4, alpha=8, dropout=0.0, seed=0)
+    return model, tokenizer
+
+
+def test_rollouts_mask_stops_at_eos_and_logps_match_generate(tiny_lora):
+    model, tokenizer = tiny_lora
+    torch.manual_seed(0)
+    r = generate(model, tokenizer, ["rev:abc=", "12+3="], num_per_prompt=3, max_new_tokens=6)
+    assert r.prompt_ids.shape[0] == 6 and r.completion_mask.shape == r.completion_ids.shape
+    for ids, mask, text in zip(r.completion_ids, r.completion_mask, r.texts):
+        n = int(mask.sum())
+        eos = (ids == tokenizer.eos_token_id).nonzero()
+        if len(eos):
+            assert n == int(eos[0]) + 1  # up to and including the first EOS
+        else:
+            assert n == ids.shape[0]
+        assert "</s>" not in text
+    # a left-padded batch gives the same log-probs as each prompt alone
+    batch = per_token_logps(model, r)
+    single = generate(model, tokenizer, ["12+3="], 1, 6)
+    single.completion_ids, single.completion_mask = r.completion_ids[3:4], r.completion_mask[3:4]
+    alone = per_token_logps(model, single)
+    m = r.completion_mask[3].bool()
+    assert torch.allclose(batch[3][m], alone[0][m], atol=1e-5)
+
+
+def test_local_grpo_changes_only_the_adapter(tiny_lora):
+    model, tokenizer = tiny_lora
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train = tasks.train_split("spell_backward", 16, seed=0)
+    reward = lambda ex, text: float(len(text))  # a dense reward so that groups differ
+    result = local_grpo(model, tokenizer, opt, prompt_batches(train, 2, 0), reward,
+                        GRPOSettings(local_steps=2, prompts_per_step=2, group_size=4, max_new_tokens=5))
+    assert result.num_prompts == 4
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert {"loss", "reward_std", "frac_zero_std", "clip_ratio"} <= set(result.metrics)

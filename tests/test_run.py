@@ -1,0 +1,120 @@
+"""`fgrpo run` end to end on tiny settings, the run directory, the model cache, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from fgrpo.cli import main
+from fgrpo.config import config_fields
+from fgrpo.model import build_tiny_model, char_tokenizer, embedded_model_path
+
+TINY = ["--rounds", "2", "--local-steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+        "--train-size", "8", "--eval-size", "4", "--warm-start-steps", "2", "--max-new-tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    out = root / "run"
+    assert main(["run", *TINY, "--cache-dir", str(root / "cache"), "--out", str(out)]) == 0
+    return out
+
+
+def test_run_directory_contents(run_dir):
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
+                 "plots/accuracy.png"):
+        assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("strategy", "scenario", "seed", "rounds", "model", "initial_macro_accuracy",
+                "final_macro_accuracy", "final_worst_task_accuracy", "per_task_accuracy",
+                "wall_seconds", "adapter_path"):
+        assert key in summary, key
+    assert summary["strategy"] == "fgrpo" and summary["scenario"] == "scale-skew"
+    assert len(summary["per_task_accuracy"]) == 4
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("round" in r for r in rows)
+    assert [r["round"] for r in rows if r["kind"] == "eval"] == [0, 1, 2]
+    clients = [r for r in rows if r["kind"] == "client"]
+    assert len(clients) == 8 and abs(sum(r["weight"] for r in clients if r["round"] == 1) - 1) < 1e-9
+    assert 'rounds = 2' in (run_dir / "config.toml").read_text()
+
+
+def test_saved_adapter_loads_with_peft(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(base, summary["adapter_path"])
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    loaded = get_peft_model_state_dict(model)
+    assert saved.keys() == loaded.keys()
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # training moved B
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def test_embedded_model_is_cached_and_deterministic(tmp_path):
+    a = embedded_model_path(3, str(tmp_path / "a"))
+    mtime = (a / "config.json").stat().st_mtime_ns
+    assert embedded_model_path(3, str(tmp_path / "a")) == a
+    assert (a / "config.json").stat().st_mtime_ns == mtime  # reused, not rebuilt
+    b = embedded_model_path(3, str(tmp_path / "b"))
+    wa = load_file(a / "model.safetensors")
+    wb = load_file(b / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_with_local_model_folder(tmp_path):
+    folder = tmp_path / "my-model"
+    tokenizer = char_tokenizer()
+    build_tiny_model(tokenizer, seed=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["run", *TINY, "--rounds", "1", "--model", str(folder), "--out", str(out),
+                 "--strategy", "fedavg", "--scenario", "task-skew"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == str(folder) and summary["strategy"] == "fedavg"
+
+
+def test_help_lists_every_option_and_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in config_fields():
+        assert "--" + f.name.replace("_", "-") in text
+    assert "(default: 'fgrpo')" in text
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--strategy", "fedmagic"], "strategy = 'fedmagic' is not valid; choose one of: fgrpo, fedavg"),
+    (["--scenario", "iid"], "scenario = 'iid' is not valid"),
+    (["--model", "/no/such/folder"], "model = '/no/such/folder': no such folder"),
+    (["--fraction", "1.5"], "fraction = 1.5 is out of range; valid: 0 < fraction <= 1"),
+    (["--uniform-mix", "-0.1"], "uniform_mix = -0.1 is out of range"),
+    (["--tau", "0"], "tau = 0.0 is out of range; valid: > 0"),
+    (["--rounds", "two"], "rounds = 'two' has the wrong type; expected int"),
+])
+def test_bad_values_exit_2_with_one_line(capsys, args, needle):
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_unknown_config_key_names_closest(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("rounds = 3\nlocal_step = 2\n")
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'local_step'" in err and "did you mean 'local_steps'" in err
+    assert str(cfg) in err
+
+
+def test_cli_subprocess_error_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "fgrpo.cli", "run", "--strategy", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "strategy = 'nope'" in proc.stderr
