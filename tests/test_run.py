@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from fgrpo.cli import main
 from fgrpo.config import config_fields
 from fgrpo.model import build_tiny_model, char_tokenizer, embedded_model_path
+from fgrpo.tasks import DEFAULT_TASKS
 
 TINY = ["--rounds", "2", "--local-steps", "1", "--prompts-per-step", "2", "--group-size", "2",
         "--train-size", "8", "--eval-size", "4", "--warm-start-steps", "2", "--max-new-tokens", "4"]
@@ -36,7 +37,7 @@ def test_run_directory_contents(run_dir):
                 "wall_seconds", "adapter_path"):
         assert key in summary, key
     assert summary["strategy"] == "fgrpo" and summary["scenario"] == "scale-skew"
-    assert len(summary["per_task_accuracy"]) == 4
+    assert list(summary["per_task_accuracy"]) == list(DEFAULT_TASKS)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("round" in r for r in rows)
     assert [r["round"] for r in rows if r["kind"] == "eval"] == [0, 1, 2]

@@ -5,7 +5,7 @@ import pytest
 from fgrpo import tasks
 
 
-@pytest.mark.parametrize("task", tasks.DEFAULT_TASKS)
+@pytest.mark.parametrize("task", sorted(tasks.TASKS))
 def test_splits_disjoint_and_seeded(task):
     test = tasks.test_split(task)
     assert len({e.prompt for e in test}) == len(test) == tasks.TEST_SPLIT_SIZE
@@ -16,7 +16,7 @@ def test_splits_disjoint_and_seeded(task):
     assert tasks.test_split(task, 10) == test[:10]
 
 
-@pytest.mark.parametrize("task", tasks.DEFAULT_TASKS)
+@pytest.mark.parametrize("task", sorted(tasks.TASKS))
 def test_gold_answer_scores_one_and_garbage_scores_below(task):
     for ex in tasks.test_split(task, 20):
         assert tasks.correctness(ex, ex.answer) == 1.0
@@ -34,7 +34,9 @@ def test_reward_scales():
 
 def test_scenarios():
     clients = tasks.build_scenario("scale-skew", 4, 20, seed=0)
-    assert [c.task for c in clients] == list(tasks.DEFAULT_TASKS)
+    n = len(tasks.DEFAULT_TASKS)
+    assert [c.task for c in clients] == [tasks.DEFAULT_TASKS[k % n] for k in range(4)]
+    assert tasks.scenario_tasks(clients) == list(tasks.DEFAULT_TASKS)
     assert [c.reward.name for c in clients] == ["x1", "x10", "partial", "signed"]
     assert {c.reward.name for c in tasks.build_scenario("task-skew", 4, 20, seed=0)} == {"x1"}
     with pytest.raises(ValueError):

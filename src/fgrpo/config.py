@@ -37,20 +37,20 @@ class RunConfig:
     scenario: str = _f("scale-skew", f"Non-IID scenario: one of {', '.join(SCENARIOS)}.")
     strategy: str = _f("fgrpo", f"Server aggregation: one of {', '.join(STRATEGIES)}.")
     seed: int = _f(0, "Seed for data, model init, client sampling and rollouts.")
-    rounds: int = _f(12, "Federated rounds.")
+    rounds: int = _f(15, "Federated rounds.")
     num_clients: int = _f(4, "Number of clients (data owners).")
     fraction: float = _f(1.0, "Fraction of clients sampled each round, in (0, 1].")
     train_size: int = _f(2000, "Training prompts per client.")
     eval_size: int = _f(200, "Held-out prompts per task for evaluation (at most 200).")
     eval_every: int = _f(1, "Evaluate the global model every N rounds (and always after the last).")
     # --- local GRPO -----------------------------------------------------------------------------
-    local_steps: int = _f(20, "Local GRPO steps per client per round (E).")
-    prompts_per_step: int = _f(8, "Prompts per local step (B).")
+    local_steps: int = _f(10, "Local GRPO steps per client per round (E).")
+    prompts_per_step: int = _f(16, "Prompts per local step (B).")
     group_size: int = _f(8, "Completions sampled per prompt (G).")
-    max_new_tokens: int = _f(8, "Maximum completion length in tokens.")
+    max_new_tokens: int = _f(10, "Maximum completion length in tokens.")
     temperature: float = _f(1.0, "Sampling temperature for rollouts (log-probs use the same).")
     top_p: float = _f(1.0, "Nucleus sampling threshold for rollouts, in (0, 1].")
-    lr: float = _f(2e-3, "AdamW learning rate on the LoRA parameters.")
+    lr: float = _f(1e-3, "AdamW learning rate on the LoRA parameters.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient norm clip per optimizer step (0 disables).")
     loss_type: str = _f("grpo", f"Token aggregation of the loss: one of {', '.join(LOSS_TYPES)}.")
@@ -80,7 +80,7 @@ class RunConfig:
     out: str = _f("", "Run directory; empty means runs/<date-time>-<scenario>-<strategy>.")
     cache_dir: str = _f("", "Cache for the embedded model; empty means $FGRPO_CACHE or the user "
                         "cache folder.")
-    warm_start_steps: int = _f(600, "Supervised warm-start steps of the embedded model.")
+    warm_start_steps: int = _f(800, "Supervised warm-start steps of the embedded model.")
 
     def validate(self) -> RunConfig:
         """Check every value; raise ConfigError naming the first bad one."""

@@ -135,10 +135,10 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
 class GRPOSettings:
     """The subset of the run config that local GRPO needs."""
 
-    local_steps: int = 20
-    prompts_per_step: int = 8
+    local_steps: int = 10
+    prompts_per_step: int = 16
     group_size: int = 8
-    max_new_tokens: int = 8
+    max_new_tokens: int = 10
     temperature: float = 1.0
     top_p: float = 1.0
     max_grad_norm: float = 1.0

@@ -16,6 +16,7 @@ import os
 import shutil
 import string
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +39,10 @@ CHARS = string.ascii_letters + string.digits + string.punctuation + " "
 EMBEDDED_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                        tie_word_embeddings=True, rms_norm_eps=1e-5)
-WARM_START = dict(batch_size=64, lr=3e-3, examples_per_task=4000, seed=1234, version=1)
+# period_fraction: share of warm-start answers written "answer." (a second public style); the
+# clients' verifiers accept only the bare answer, so RL must also find the format.
+WARM_START = dict(batch_size=64, lr=3e-3, examples_per_task=4000, seed=1234, period_fraction=0.5,
+                  version=2)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -113,6 +117,8 @@ def warm_start(model, tokenizer, steps: int, progress=None) -> None:
     pool = [ex for task in tasks.DEFAULT_TASKS
             for ex in tasks.train_split(task, cfg["examples_per_task"], seed=cfg["seed"],
                                         salt="warm-start")]
+    styled = torch.rand(len(pool), generator=gen) < cfg["period_fraction"]
+    pool = [replace(ex, answer=ex.answer + ".") if s else ex for ex, s in zip(pool, styled.tolist())]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -138,7 +144,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_base(model: str, device: torch.device, warm_start_steps: int = 600, cache_dir: str = "",
+def load_base(model: str, device: torch.device, warm_start_steps: int = 800, cache_dir: str = "",
               progress=None):
     """(model, tokenizer) for 'embedded', a local folder, or a hub name; frozen, left padding."""
     path = embedded_model_path(warm_start_steps, cache_dir, progress) if model == "embedded" else model

@@ -47,35 +47,36 @@ TASKS: dict[str, TaskFamily] = {
     for t in [
         TaskFamily(
             "spell_backward",
-            {"min_word_len": 3, "max_word_len": 5},
+            {"min_word_len": 3, "max_word_len": 6},
             lambda e: f"rev:{e['metadata']['word']}=",
             lambda e: e["answer"],
         ),
         TaskFamily(
             "letter_counting",
-            {"min_words": 3, "max_words": 5},
+            {"min_words": 2, "max_words": 4},
             lambda e: f"cnt {e['metadata']['target_letter']}:{' '.join(e['metadata']['span'])}=",
-            lambda e: e["answer"],
-        ),
-        TaskFamily(
-            "basic_arithmetic",
-            {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2,
-             "operators": ("+", "-"), "allow_parentheses": False, "allow_negation": False},
-            lambda e: e["metadata"]["expression"].replace(" ", "") + "=",
             lambda e: e["answer"],
         ),
         TaskFamily(
             "number_sorting",
             {"min_numbers": 3, "max_numbers": 3, "min_decimals": 0, "max_decimals": 0,
-             "min_value": 0, "max_value": 99},
+             "min_value": 0, "max_value": 49},
             lambda e: ("asc:" if e["metadata"]["direction"] == "ascending" else "desc:")
             + ",".join(str(int(float(x))) for x in e["metadata"]["original_numbers"]) + "=",
             lambda e: ",".join(str(int(float(x))) for x in e["metadata"]["sorted_numbers"]),
             lambda text: str([x.strip() for x in text.split(",")]),
         ),
+        TaskFamily(
+            "word_sorting",
+            {"min_words": 2, "max_words": 2, "min_word_length": 3, "max_word_length": 5},
+            lambda e: ("asc:" if e["metadata"]["direction"] == "ascending" else "desc:")
+            + ",".join(e["metadata"]["transformed_words"]) + "=",
+            lambda e: ",".join(e["metadata"]["sorted_words"]),
+            lambda text: ", ".join(x.strip() for x in text.split(",")),
+        ),
     ]
 }
-DEFAULT_TASKS = ("spell_backward", "letter_counting", "basic_arithmetic", "number_sorting")
+DEFAULT_TASKS = ("spell_backward", "number_sorting", "letter_counting")
 
 
 def _seed(*parts: object) -> int:
