@@ -94,6 +94,7 @@ def test_help_lists_every_option_and_default(capsys):
     (["--strategy", "fedmagic"], "strategy = 'fedmagic' is not valid; choose one of: fgrpo, fedavg"),
     (["--scenario", "iid"], "scenario = 'iid' is not valid"),
     (["--model", "/no/such/folder"], "model = '/no/such/folder': no such folder"),
+    (["--tasks", "spell_backward,chess"], "tasks: 'chess' is not a known task; choose from: "),
     (["--fraction", "1.5"], "fraction = 1.5 is out of range; valid: 0 < fraction <= 1"),
     (["--uniform-mix", "-0.1"], "uniform_mix = -0.1 is out of range"),
     (["--tau", "0"], "tau = 0.0 is out of range; valid: > 0"),

@@ -41,3 +41,9 @@ def test_scenarios():
     assert {c.reward.name for c in tasks.build_scenario("task-skew", 4, 20, seed=0)} == {"x1"}
     with pytest.raises(ValueError):
         tasks.build_scenario("nope", 4, 20, seed=0)
+
+
+def test_config_default_tasks_are_the_default_families():
+    from fgrpo.config import RunConfig
+
+    assert RunConfig().task_list == tasks.DEFAULT_TASKS

@@ -36,6 +36,9 @@ class RunConfig:
                     "local folder with a Hugging Face causal LM, or a hub name.")
     scenario: str = _f("scale-skew", f"Non-IID scenario: one of {', '.join(SCENARIOS)}.")
     strategy: str = _f("fgrpo", f"Server aggregation: one of {', '.join(STRATEGIES)}.")
+    tasks: str = _f("spell_backward,number_sorting,letter_counting", "Comma-separated task "
+                    "families; client k holds family k mod len(tasks). Known: spell_backward, "
+                    "number_sorting, letter_counting, word_sorting.")
     seed: int = _f(0, "Seed for data, model init, client sampling and rollouts.")
     rounds: int = _f(15, "Federated rounds.")
     num_clients: int = _f(4, "Number of clients (data owners).")
@@ -93,6 +96,13 @@ class RunConfig:
             value = getattr(self, key)
             if value not in valid:
                 raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(valid)}")
+        from fgrpo.tasks import TASKS
+
+        if not self.task_list:
+            raise ConfigError(f"tasks = {self.tasks!r} names no task; choose from: {', '.join(TASKS)}")
+        for task in self.task_list:
+            if task not in TASKS:
+                raise ConfigError(f"tasks: {task!r} is not a known task; choose from: {', '.join(TASKS)}")
         at_least_one = ("rounds", "num_clients", "train_size", "eval_size", "eval_every",
                         "local_steps", "prompts_per_step", "max_new_tokens", "mu", "lora_r",
                         "lora_alpha")
@@ -125,6 +135,10 @@ class RunConfig:
             raise ConfigError(f"model = {self.model!r}: no such folder; give 'embedded', a local "
                               "folder with config.json, or a hub name like 'Qwen/Qwen2.5-0.5B-Instruct'")
         return self
+
+    @property
+    def task_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.tasks.split(",") if t.strip())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

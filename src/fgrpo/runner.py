@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -12,8 +13,19 @@ from fgrpo.config import ConfigError, RunConfig
 from fgrpo.rundir import MetricsLog, build_summary, make_run_dir, plot_accuracy, write_json_atomic
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for our own progress: no library progress bars or deprecation chatter."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+
+
 def run_experiment(cfg: RunConfig, console: Console | None = None) -> dict:
     """Run ``cfg`` to completion; returns summary.json's content."""
+    quiet_libraries()
     console = console or Console(stderr=True)
     start = time.perf_counter()
     run_dir = make_run_dir(cfg)

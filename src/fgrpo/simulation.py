@@ -65,7 +65,8 @@ class Federation:
         base, self.tokenizer = load_base(cfg.model, self.device, cfg.warm_start_steps,
                                          cfg.cache_dir, progress)
         self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed)
-        self.clients = tasks.build_scenario(cfg.scenario, cfg.num_clients, cfg.train_size, cfg.seed)
+        self.clients = tasks.build_scenario(cfg.scenario, cfg.num_clients, cfg.train_size, cfg.seed,
+                                            cfg.task_list)
         self.test_sets = {t: tasks.test_split(t, cfg.eval_size) for t in tasks.scenario_tasks(self.clients)}
         self.global_adapter: Adapter = clone(get_peft_model_state_dict(self.model))
         params = [p for p in self.model.parameters() if p.requires_grad]
