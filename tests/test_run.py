@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fgrpo.cli import main
-from fgrpo.config import config_fields
+from fgrpo.config import build_config, config_fields
 from fgrpo.model import build_tiny_model, char_tokenizer, embedded_model_path
 from fgrpo.tasks import DEFAULT_TASKS
 
@@ -43,7 +43,8 @@ def test_run_directory_contents(run_dir):
     assert [r["round"] for r in rows if r["kind"] == "eval"] == [0, 1, 2]
     clients = [r for r in rows if r["kind"] == "client"]
     assert len(clients) == 8 and abs(sum(r["weight"] for r in clients if r["round"] == 1) - 1) < 1e-9
-    assert 'rounds = 2' in (run_dir / "config.toml").read_text()
+    resolved = build_config(run_dir / "config.toml")  # the resolved config reads back as it was
+    assert resolved.rounds == 2 and resolved.warm_start_steps == 2 and resolved.out == str(run_dir)
 
 
 def test_saved_adapter_loads_with_peft(run_dir):
@@ -120,3 +121,13 @@ def test_cli_subprocess_error_has_no_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "strategy = 'nope'" in proc.stderr
+
+
+def test_folder_without_a_model_fails_before_any_output(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    assert main(["run", "--model", str(empty), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"model = '{empty}' could not be loaded" in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -10,13 +10,16 @@ from pathlib import Path
 from fgrpo.config import RunConfig, to_toml
 
 
-def make_run_dir(cfg: RunConfig) -> Path:
-    """``cfg.out`` or runs/<date-time>-<scenario>-<strategy>; writes config.toml into it."""
+def run_dir_path(cfg: RunConfig) -> Path:
+    """``cfg.out`` or runs/<date-time>-<scenario>-<strategy>."""
     if cfg.out:
-        path = Path(cfg.out)
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path("runs") / f"{stamp}-{cfg.scenario}-{cfg.strategy}"
+        return Path(cfg.out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.scenario}-{cfg.strategy}"
+
+
+def make_run_dir(path: Path, cfg: RunConfig) -> Path:
+    """Create the run directory and write the resolved config.toml into it."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.toml").write_text(to_toml(cfg))
     return path

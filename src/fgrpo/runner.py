@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fgrpo.config import ConfigError, RunConfig
-from fgrpo.rundir import MetricsLog, build_summary, make_run_dir, plot_accuracy, write_json_atomic
+from fgrpo.config import RunConfig
+from fgrpo.rundir import MetricsLog, build_summary, make_run_dir, plot_accuracy, run_dir_path, write_json_atomic
 
 
 def quiet_libraries() -> None:
@@ -28,18 +28,15 @@ def run_experiment(cfg: RunConfig, console: Console | None = None) -> dict:
     quiet_libraries()
     console = console or Console(stderr=True)
     start = time.perf_counter()
-    run_dir = make_run_dir(cfg)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    console.print(f"[bold]fgrpo run[/bold]: {cfg.strategy} on {cfg.scenario}, model {cfg.model}, "
-                  f"{cfg.num_clients} clients, {cfg.rounds} rounds, seed {cfg.seed} -> {run_dir}")
+    run_dir = run_dir_path(cfg)
     with _progress(console) as progress:
         from fgrpo.simulation import Federation
 
-        try:
-            fed = Federation(cfg, progress=progress)
-        except OSError as err:  # a hub name that cannot be reached, a folder without a model
-            reason = str(err).splitlines()[0]
-            raise ConfigError(f"model = {cfg.model!r} could not be loaded: {reason}") from None
+        fed = Federation(cfg, progress=progress)
+        console.print(f"[bold]fgrpo run[/bold]: {cfg.strategy} on {cfg.scenario}, model {cfg.model}, "
+                      f"{cfg.num_clients} clients, {cfg.rounds} rounds, seed {cfg.seed} -> {run_dir}")
+        make_run_dir(run_dir, cfg)
+        metrics = MetricsLog(run_dir / "metrics.jsonl")
         row = fed.eval_row(0)
         metrics.write([row])
         console.print(f"round 0: macro accuracy {row['macro_accuracy']:.3f}  "
