@@ -91,3 +91,18 @@ def test_local_grpo_changes_only_the_adapter(tiny_lora):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
     assert {"loss", "reward_std", "frac_zero_std", "clip_ratio"} <= set(result.metrics)
+
+
+def test_local_grpo_with_kl_and_mu(tiny_lora):
+    """beta > 0 runs the reference forward with the adapter disabled; mu > 1 reuses rollouts."""
+    model, tokenizer = tiny_lora
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train = tasks.train_split("spell_backward", 16, seed=0)
+    reward = lambda ex, text: float(len(text))
+    cfg = GRPOSettings(local_steps=3, prompts_per_step=2, group_size=4, max_new_tokens=5, beta=0.1, mu=2)
+    result = local_grpo(model, tokenizer, opt, prompt_batches(train, 2, 0), reward, cfg)
+    assert result.metrics["kl"] > 0  # the adapter has moved away from the base model
+    with model.disable_adapter():  # the reference really is the base: no LoRA contribution
+        ids = tokenizer(["rev:abc="], return_tensors="pt")["input_ids"]
+        base_logits = model(input_ids=ids).logits
+    assert not torch.allclose(base_logits, model(input_ids=ids).logits)

@@ -131,3 +131,12 @@ def test_folder_without_a_model_fails_before_any_output(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert f"model = '{empty}' could not be loaded" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_fraction_samples_clients(tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", *TINY, "--rounds", "2", "--fraction", "0.5", "--cache-dir", str(tmp_path / "c"),
+                 "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_round = [[r["client_id"] for r in rows if r["kind"] == "client" and r["round"] == k] for k in (1, 2)]
+    assert [len(ids) for ids in per_round] == [2, 2]
