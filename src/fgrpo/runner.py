@@ -43,9 +43,9 @@ def run_experiment(cfg: RunConfig, console: Console | None = None) -> dict:
                       + "  ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in row.items()
                                   if k.startswith("accuracy/")))
         bar = progress.add_task("rounds", total=cfg.rounds)
-        clients_bar = progress.add_task("clients", total=len(fed.clients))
+        clients_bar = progress.add_task("clients", total=fed.clients_per_round)
         for rnd in range(1, cfg.rounds + 1):
-            progress.reset(clients_bar, total=max(1, round(cfg.fraction * len(fed.clients))))
+            progress.reset(clients_bar)
             t0 = time.perf_counter()
             rows = fed.run_round(rnd, on_client_done=lambda c: progress.advance(clients_bar))
             metrics.write(rows)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -25,12 +24,9 @@ from fgrpo.config import ConfigError, RunConfig
 from fgrpo.evaluation import evaluate, summarize
 from fgrpo.grpo import GRPOSettings, local_grpo
 from fgrpo.model import add_lora, load_base, resolve_device
+from fgrpo.tasks import derived_seed
 
 Adapter = dict[str, torch.Tensor]
-
-
-def derived_seed(*parts: object) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 def prompt_batches(examples: list[tasks.Example], batch_size: int, seed: int,
@@ -100,9 +96,12 @@ class Federation:
         return ClientUpdate(stats, delta, result.metrics, time.perf_counter() - start)
 
     # --- server side --------------------------------------------------------------------------
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, round(self.cfg.fraction * len(self.clients)))
+
     def sample_clients(self) -> list[tasks.ClientSpec]:
-        k = max(1, round(self.cfg.fraction * len(self.clients)))
-        chosen = sorted(self.sampler.sample(range(len(self.clients)), k))
+        chosen = sorted(self.sampler.sample(range(len(self.clients)), self.clients_per_round))
         return [self.clients[i] for i in chosen]
 
     def evaluate(self) -> dict[str, float]:

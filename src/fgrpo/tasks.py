@@ -79,7 +79,8 @@ TASKS: dict[str, TaskFamily] = {
 DEFAULT_TASKS = ("spell_backward", "number_sorting", "letter_counting")
 
 
-def _seed(*parts: object) -> int:
+def derived_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (same on every machine and Python run)."""
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
@@ -105,7 +106,7 @@ def generate_examples(task: str, n: int, seed: int, exclude: frozenset[str] = fr
     attempt = 0
     while len(out) < n:
         size = max(64, 2 * (n - len(out)))
-        dataset = reasoning_gym.create_dataset(task, seed=_seed(seed, attempt), size=size,
+        dataset = reasoning_gym.create_dataset(task, seed=derived_seed(seed, attempt), size=size,
                                                **family.rg_config)
         for entry in dataset:
             prompt = family.render_prompt(entry)
@@ -130,13 +131,13 @@ def test_split(task: str, size: int = TEST_SPLIT_SIZE) -> tuple[Example, ...]:
     """The first ``size`` prompts of a task's fixed held-out split (same for every run seed)."""
     if not 1 <= size <= TEST_SPLIT_SIZE:
         raise ValueError(f"test split size must be in [1, {TEST_SPLIT_SIZE}], got {size}")
-    return tuple(generate_examples(task, TEST_SPLIT_SIZE, seed=_seed("test", task))[:size])
+    return tuple(generate_examples(task, TEST_SPLIT_SIZE, seed=derived_seed("test", task))[:size])
 
 
 def train_split(task: str, size: int, seed: int, salt: str = "train") -> list[Example]:
     """Training prompts of a task (repeats allowed), disjoint from its whole test split."""
     exclude = frozenset(e.prompt for e in test_split(task))
-    return generate_examples(task, size, seed=_seed(salt, task, seed), exclude=exclude,
+    return generate_examples(task, size, seed=derived_seed(salt, task, seed), exclude=exclude,
                              distinct=False)
 
 
