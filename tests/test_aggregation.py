@@ -6,14 +6,17 @@ import pytest
 import torch
 
 from fgrpo.aggregation import (
+    STRATEGIES,
     ClientBaseline,
     ClientStats,
     FGRPOSettings,
     apply_update,
     fedavg,
     fgrpo,
+    gain_no_baseline,
     gain_weights,
     relative_gain,
+    reward_weighted,
 )
 
 STATS = [
@@ -80,12 +83,35 @@ def test_ratio_weights_do_change_with_a_shift():
     assert after != pytest.approx(before, rel=1e-3)
 
 
-def test_reward_weighted_strawman_is_scale_sensitive_but_fgrpo_is_not():
-    """Sanity check that the invariance test would catch a scale-sensitive rule."""
-    raw = [s.reward_end for s in STATS]
-    scaled = [s.reward_end for s in transformed(STATS, {}, "b", scale=10.0)[0]]
-    softmax = lambda x: torch.softmax(torch.tensor(x), 0).tolist()
-    assert softmax(raw) != pytest.approx(softmax(scaled))
+@pytest.mark.parametrize("strategy", [reward_weighted, gain_no_baseline])
+def test_strawmen_are_scale_sensitive(strategy):
+    """The invariance test would catch a scale-sensitive rule: these two are."""
+    settings = FGRPOSettings()
+    before = strategy(STATS, {}, settings).weights
+    after = strategy(*transformed(STATS, {}, "b", scale=10.0), settings).weights
+    assert after != pytest.approx(before, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_gives_a_distribution(name):
+    for history in ({}, HISTORY):
+        w = STRATEGIES[name](STATS, history, FGRPOSettings()).weights
+        assert len(w) == len(STATS) and math.isclose(sum(w), 1.0, abs_tol=1e-12) and min(w) >= 0
+
+
+def test_reward_weighted_by_hand():
+    # r_end = 0.5, 2.0, 0.7, -0.2 -> clipped at 0 -> 0.5, 2.0, 0.7, 0
+    w = reward_weighted(STATS, {}, FGRPOSettings()).weights
+    assert w == pytest.approx([0.5 / 3.2, 2.0 / 3.2, 0.7 / 3.2, 0.0])
+    zero = [ClientStats(s.client_id, s.num_prompts, 0, -1.0, 0, 1) for s in STATS]
+    assert reward_weighted(zero, {}, FGRPOSettings()).weights == pytest.approx([0.25] * 4)
+
+
+def test_gain_no_baseline_by_hand():
+    out = gain_no_baseline(STATS, {}, FGRPOSettings(tau=0.5))
+    gains = [s.reward_end - s.reward_start for s in STATS]
+    expected = torch.softmax(torch.tensor(gains, dtype=torch.float64) / 0.5, 0).tolist()
+    assert out.gains == pytest.approx(gains) and out.weights == pytest.approx(expected)
 
 
 def test_first_participation_initialises_baseline():

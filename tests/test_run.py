@@ -92,7 +92,7 @@ def test_help_lists_every_option_and_default(capsys):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--strategy", "fedmagic"], "strategy = 'fedmagic' is not valid; choose one of: fgrpo, fedavg"),
+    (["--strategy", "fedmagic"], "strategy = 'fedmagic' is not valid; choose one of: fgrpo, fedavg, uniform"),
     (["--scenario", "iid"], "scenario = 'iid' is not valid"),
     (["--model", "/no/such/folder"], "model = '/no/such/folder': no such folder"),
     (["--tasks", "spell_backward,chess"], "tasks: 'chess' is not a known task; choose from: "),

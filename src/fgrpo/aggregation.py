@@ -14,7 +14,11 @@ FGRPO weights each participant by its *relative performance gain* against its ow
 with the client's rewards: multiplying them by c > 0 leaves both gain forms unchanged, and the z
 form is also unchanged by adding a constant. Clients absent from a round keep their state.
 
-``fedavg`` is the reference: w_k = p_k.
+Baselines, all on the same interface (statistics in, weights out):
+    fedavg            w_k = p_k
+    uniform           w_k = 1 / |S|
+    reward-weighted   w_k ∝ max(r_end_k, 0)   (the scale-sensitive strawman; uniform if all are 0)
+    gain-no-baseline  w_k = softmax((r_end_k - r_start_k) / tau)   (ablation: no personal baseline)
 """
 
 from __future__ import annotations
@@ -136,7 +140,31 @@ def fedavg(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline]
     return RoundWeights(data_shares(stats), [None] * len(stats), dict(client_baselines))
 
 
-STRATEGIES = {"fgrpo": fgrpo, "fedavg": fedavg}
+def uniform(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
+            settings: FGRPOSettings) -> RoundWeights:
+    """Uniform: w_k = 1 / |S|."""
+    return RoundWeights([1 / len(stats)] * len(stats), [None] * len(stats), dict(client_baselines))
+
+
+def reward_weighted(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
+                    settings: FGRPOSettings) -> RoundWeights:
+    """w_k ∝ max(r_end_k, 0): raw rewards, so a client on a x10 scale gets ~10x the weight."""
+    raw = [max(s.reward_end, 0.0) for s in stats]
+    total = sum(raw)
+    weights = [r / total for r in raw] if total > 0 else [1 / len(stats)] * len(stats)
+    return RoundWeights(weights, [None] * len(stats), dict(client_baselines))
+
+
+def gain_no_baseline(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
+                     settings: FGRPOSettings) -> RoundWeights:
+    """Ablation: g_k = r_end_k - r_start_k (no personal baseline, no scale), w = softmax(g / tau)."""
+    gains = [s.reward_end - s.reward_start for s in stats]
+    weights = torch.softmax(torch.tensor(gains, dtype=torch.float64) / settings.tau, dim=0).tolist()
+    return RoundWeights(weights, gains, dict(client_baselines))
+
+
+STRATEGIES = {"fgrpo": fgrpo, "fedavg": fedavg, "uniform": uniform, "reward-weighted": reward_weighted,
+              "gain-no-baseline": gain_no_baseline}
 
 
 def apply_update(global_params: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]],

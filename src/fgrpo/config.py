@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("fgrpo", "fedavg")
+STRATEGIES = ("fgrpo", "fedavg", "uniform", "reward-weighted", "gain-no-baseline")
 SCENARIOS = ("scale-skew", "task-skew")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 GAIN_FORMS = ("z", "ratio")
