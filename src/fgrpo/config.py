@@ -232,3 +232,27 @@ def to_toml(config: RunConfig) -> str:
             text = repr(value)
         lines.append(f"{f.name} = {text}")
     return "\n".join(lines) + "\n"
+
+
+def reference_markdown() -> str:
+    """docs/config.md, generated from the RunConfig fields (``python -m fgrpo.config``)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `RunConfig` in `src/fgrpo/config.py` by `python -m fgrpo.config > docs/config.md`;",
+        "a test regenerates it and fails when it differs. Every key is a TOML key of `--config FILE.toml`",
+        "and a command-line option of `fgrpo run` (`--local-steps 5` for `local_steps`); the command line",
+        "wins over the file.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    defaults = RunConfig()
+    for f in config_fields():
+        value = getattr(defaults, f.name)
+        lines.append(f"| `{f.name}` | {type(value).__name__} | `{value!r}` | {f.metadata['doc']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
