@@ -140,3 +140,19 @@ def test_fraction_samples_clients(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     per_round = [[r["client_id"] for r in rows if r["kind"] == "client" and r["round"] == k] for k in (1, 2)]
     assert [len(ids) for ids in per_round] == [2, 2]
+
+
+def test_eval_reproduces_the_runs_final_accuracy(run_dir, capsys):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    from fgrpo.runner import evaluate_saved
+
+    accuracy = evaluate_saved(str(run_dir / "adapter"), None, None, None, None)
+    assert accuracy == summary["per_task_accuracy"]
+    assert main(["eval", "--adapter", str(run_dir / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "macro" in out and all(task in out for task in summary["per_task_accuracy"])
+
+
+def test_eval_of_a_folder_without_adapter_exits_2(tmp_path, capsys):
+    assert main(["eval", "--adapter", str(tmp_path)]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err

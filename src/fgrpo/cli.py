@@ -26,6 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(_option(f.name), dest=f.name, metavar=type(default).__name__.upper(),
                          default=None, help=f"{f.metadata['doc']} (default: {default!r})")
     run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="evaluate a saved adapter (or a base model) on held-out tasks",
+                        description="Greedy held-out accuracy per task of a saved LoRA adapter or of a "
+                        "base model alone. With --adapter RUN_DIR/adapter, the run's config.toml supplies "
+                        "the defaults, so the run's final per-task accuracy is reproduced.")
+    ev.add_argument("--adapter", help="adapter folder (PEFT save_pretrained); omit to evaluate the base model")
+    ev.add_argument("--model", help="base model: 'embedded', a folder or a hub name (default: the "
+                    "adapter's base model)")
+    ev.add_argument("--tasks", help="comma-separated task families (default: the run's, else the defaults)")
+    ev.add_argument("--eval-size", type=int,
+                    help="held-out prompts per task, at most 200 (default: the run's, else 200)")
+    ev.add_argument("--max-new-tokens", type=int, help="completion length (default: the run's, else 10)")
+    ev.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -35,6 +49,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fgrpo.runner import run_experiment
 
     run_experiment(cfg)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fgrpo.runner import evaluate_saved
+
+    evaluate_saved(args.adapter, args.model, args.tasks, args.eval_size, args.max_new_tokens, args.device)
     return 0
 
 

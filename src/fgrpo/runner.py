@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fgrpo.config import RunConfig
+from fgrpo.config import ConfigError, RunConfig
 from fgrpo.rundir import MetricsLog, build_summary, make_run_dir, plot_accuracy, run_dir_path, write_json_atomic
 
 
@@ -96,3 +96,50 @@ def _summary_table(summary: dict) -> Table:
                   f"[bold]{summary['final_macro_accuracy']:.3f}[/bold]")
     table.caption = f"{summary['wall_seconds']:.0f} s"
     return table
+
+
+def evaluate_saved(adapter: str | None, model: str | None, task_names: str | None, eval_size: int | None,
+                   max_new_tokens: int | None, device: str = "auto",
+                   console: Console | None = None) -> dict[str, float]:
+    """``fgrpo eval``: per-task greedy accuracy of a saved adapter (or a base model alone)."""
+    import json
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from fgrpo.config import RunConfig, build_config
+    from fgrpo.evaluation import evaluate, summarize
+    from fgrpo.model import load_base, resolve_device
+    from fgrpo.tasks import test_split
+
+    quiet_libraries()
+    console = console or Console()
+    run_config = Path(adapter).parent / "config.toml" if adapter else None
+    cfg = build_config(run_config) if run_config and run_config.exists() else RunConfig()
+    overrides = {"tasks": task_names, "eval_size": eval_size, "max_new_tokens": max_new_tokens,
+                 "device": device}
+    if model is None and adapter is not None:
+        config_path = Path(adapter) / "adapter_config.json"
+        if not config_path.exists():
+            raise ConfigError(f"adapter = {adapter!r}: no adapter_config.json there; give the folder a run "
+                              "saved as RUN_DIR/adapter")
+        model = json.loads(config_path.read_text())["base_model_name_or_path"]
+    overrides["model"] = model
+    cfg = build_config(overrides={**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+    try:
+        base, tokenizer = load_base(cfg.model, resolve_device(cfg.device), cfg.warm_start_steps, cfg.cache_dir)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model = {cfg.model!r} could not be loaded: {str(err).strip().splitlines()[0]}") from None
+    net = PeftModel.from_pretrained(base, adapter) if adapter else base
+    accuracy = evaluate(net, tokenizer, {t: test_split(t, cfg.eval_size) for t in cfg.task_list}, cfg.max_new_tokens)
+    table = Table(title="held-out accuracy (greedy)", title_justify="left",
+                  caption=f"{cfg.eval_size} prompts per task", caption_justify="left")
+    table.add_column("task")
+    table.add_column("accuracy", justify="right")
+    for task, acc in accuracy.items():
+        table.add_row(task, f"{acc:.3f}")
+    stats = summarize(accuracy)
+    table.add_row("[bold]macro[/bold]", f"[bold]{stats['macro_accuracy']:.3f}[/bold]")
+    table.add_row("worst task", f"{stats['worst_task_accuracy']:.3f}")
+    console.print(table)
+    return accuracy
