@@ -81,19 +81,20 @@ class Federation:
     # --- client side --------------------------------------------------------------------------
     def train_client(self, client: tasks.ClientSpec, rnd: int) -> ClientUpdate:
         """Local GRPO from the global adapter; returns the delta and statistics (DESIGN sec. 3)."""
-        start = time.perf_counter()
         set_peft_model_state_dict(self.model, self.global_adapter)
         self.optimizer.state.clear()  # clients are stateless between rounds
         seed = derived_seed(self.cfg.seed, rnd, client.client_id)
         torch.manual_seed(seed)  # rollout sampling
         batches = prompt_batches(client.train, self.cfg.prompts_per_step, seed)
+        start = time.perf_counter()
         result = local_grpo(self.model, self.tokenizer, self.optimizer, batches, client.reward,
                             self.grpo, correctness_fn=tasks.correctness)
+        seconds = time.perf_counter() - start  # local training only: swapping counts as overhead
         local = get_peft_model_state_dict(self.model)
         delta = {k: (local[k] - self.global_adapter[k]).detach().clone() for k in self.global_adapter}
         stats = aggregation.ClientStats(client.client_id, result.num_prompts, result.reward_start,
                                         result.reward_end, result.reward_std, client.reward.range)
-        return ClientUpdate(stats, delta, result.metrics, time.perf_counter() - start)
+        return ClientUpdate(stats, delta, result.metrics, seconds)
 
     # --- server side --------------------------------------------------------------------------
     @property
