@@ -114,7 +114,9 @@ def generate_examples(task: str, n: int, seed: int, exclude: frozenset[str] = fr
                 continue
             if distinct:
                 seen.add(prompt)
-            out.append(Example(task, prompt, family.render_answer(entry), entry))
+            # keep what the scorer reads; reasoning-gym's long English question is never used
+            scored = {k: v for k, v in entry.items() if k != "question"}
+            out.append(Example(task, prompt, family.render_answer(entry), scored))
             if len(out) == n:
                 break
         attempt += 1
