@@ -152,8 +152,7 @@ def load_base(model: str, device: torch.device, warm_start_steps: int = 800, cac
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)

@@ -57,7 +57,6 @@ class Federation:
     def __init__(self, cfg: RunConfig, progress=None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        torch.manual_seed(cfg.seed)
         try:
             base, self.tokenizer = load_base(cfg.model, self.device, cfg.warm_start_steps,
                                              cfg.cache_dir, progress)
