@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fgrpo.config import ConfigError, RunConfig, build_config, config_fields
 
@@ -20,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run one federated GRPO experiment. Every option is also a "
                          "TOML key (snake_case) of --config; the command line wins.")
     run.add_argument("--config", metavar="FILE.toml", help="TOML file with config keys (default: none)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint "
+                     "to its configured number of rounds (only --rounds may be given with it, to extend it)")
     defaults = RunConfig()
     for f in config_fields():
         default = getattr(defaults, f.name)
@@ -45,10 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) is not None}
-    cfg = build_config(args.config, overrides)
     from fgrpo.runner import run_experiment
 
-    run_experiment(cfg)
+    if args.resume:
+        extra = sorted(set(overrides) - {"rounds"}) + (["config"] if args.config else [])
+        if extra:
+            raise ConfigError(f"--resume continues a run as configured; only --rounds may change, not: "
+                              f"{', '.join(extra)}")
+        saved = Path(args.resume) / "config.toml"
+        if not saved.exists():
+            raise ConfigError(f"resume = {args.resume!r}: no config.toml there; give a run directory")
+        cfg = build_config(saved, {**overrides, "out": args.resume})
+        run_experiment(cfg, resume=True)
+        return 0
+    run_experiment(build_config(args.config, overrides))
     return 0
 
 

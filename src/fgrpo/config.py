@@ -84,6 +84,8 @@ class RunConfig:
     cache_dir: str = _f("", "Cache for the embedded model; empty means $FGRPO_CACHE or the user "
                         "cache folder.")
     warm_start_steps: int = _f(800, "Supervised warm-start steps of the embedded model.")
+    checkpoint_every: int = _f(1, "Write a checkpoint every N rounds (and after the last one).")
+    checkpoint_keep: int = _f(2, "How many of the newest checkpoints to keep.")
 
     def validate(self) -> RunConfig:
         """Check every value; raise ConfigError naming the first bad one."""
@@ -105,7 +107,7 @@ class RunConfig:
                 raise ConfigError(f"tasks: {task!r} is not a known task; choose from: {', '.join(TASKS)}")
         at_least_one = ("rounds", "num_clients", "train_size", "eval_size", "eval_every",
                         "local_steps", "prompts_per_step", "max_new_tokens", "mu", "lora_r",
-                        "lora_alpha")
+                        "lora_alpha", "checkpoint_every", "checkpoint_keep")
         for key in at_least_one:
             _check(key, getattr(self, key), getattr(self, key) >= 1, "an integer >= 1")
         _check("eval_size", self.eval_size, self.eval_size <= 200, "1 <= eval_size <= 200")

@@ -28,9 +28,19 @@ def make_run_dir(path: Path, cfg: RunConfig) -> Path:
 class MetricsLog:
     """Append-only metrics.jsonl: one JSON object per line, flushed and fsynced per write."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_lines: int | None = None):
+        """A new log, or (``keep_lines`` given) an existing one cut back to its first
+        ``keep_lines`` lines: the rows of the rounds a checkpoint covers, nothing torn or repeated."""
         self.path = path
         self.rows: list[dict] = []
+        if keep_lines is not None:
+            lines = path.read_text().splitlines()[:keep_lines] if path.exists() else []
+            if len(lines) < keep_lines:
+                raise ValueError(f"{path} has {len(lines)} complete lines, the checkpoint expects {keep_lines}")
+            self.rows = [json.loads(line) for line in lines]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in lines))
+            os.replace(tmp, path)
 
     def write(self, rows: list[dict]) -> None:
         with self.path.open("a") as fh:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import replace
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fgrpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fgrpo.config import ConfigError, RunConfig
 from fgrpo.rundir import MetricsLog, build_summary, make_run_dir, plot_accuracy, run_dir_path, write_json_atomic
 
@@ -23,12 +25,17 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
 
 
-def run_experiment(cfg: RunConfig, console: Console | None = None) -> dict:
-    """Run ``cfg`` to completion; returns summary.json's content."""
+def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool = False) -> dict:
+    """Run ``cfg`` to completion; with ``resume``, continue the run in ``cfg.out`` from its last
+    checkpoint. Returns summary.json's content."""
     quiet_libraries()
     console = console or Console(stderr=True)
     start = time.perf_counter()
     run_dir = run_dir_path(cfg)
+    cfg = replace(cfg, out=str(run_dir))
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise ConfigError(f"resume = {str(run_dir)!r}: no checkpoint there (checkpoints/round-*)")
     with _progress(console) as progress:
         from fgrpo.simulation import Federation
 
@@ -36,19 +43,29 @@ def run_experiment(cfg: RunConfig, console: Console | None = None) -> dict:
         console.print(f"[bold]fgrpo run[/bold]: {cfg.strategy} on {cfg.scenario}, model {cfg.model}, "
                       f"{cfg.num_clients} clients, {cfg.rounds} rounds, seed {cfg.seed} -> {run_dir}")
         make_run_dir(run_dir, cfg)
-        metrics = MetricsLog(run_dir / "metrics.jsonl")
-        row = fed.eval_row(0)
-        metrics.write([row])
-        console.print(f"round 0: macro accuracy {row['macro_accuracy']:.3f}  "
-                      + "  ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in row.items()
-                                  if k.startswith("accuracy/")))
-        bar = progress.add_task("rounds", total=cfg.rounds)
+        if checkpoint is not None:
+            done, fed.global_adapter, fed.client_baselines, lines = load_checkpoint(checkpoint)
+            metrics = MetricsLog(run_dir / "metrics.jsonl", keep_lines=lines)
+            console.print(f"resumed from {checkpoint} (round {done} of {cfg.rounds})")
+        else:
+            done, metrics = 0, MetricsLog(run_dir / "metrics.jsonl")
+            row = fed.eval_row(0)
+            metrics.write([row])
+            save_checkpoint(run_dir, 0, fed.global_adapter, fed.client_baselines, len(metrics.rows),
+                            cfg.checkpoint_keep)
+            console.print(f"round 0: macro accuracy {row['macro_accuracy']:.3f}  "
+                          + "  ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in row.items()
+                                      if k.startswith("accuracy/")))
+        bar = progress.add_task("rounds", total=cfg.rounds, completed=done)
         clients_bar = progress.add_task("clients", total=fed.clients_per_round)
-        for rnd in range(1, cfg.rounds + 1):
+        for rnd in range(done + 1, cfg.rounds + 1):
             progress.reset(clients_bar)
             t0 = time.perf_counter()
             rows = fed.run_round(rnd, on_client_done=lambda c: progress.advance(clients_bar))
             metrics.write(rows)
+            if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds:
+                save_checkpoint(run_dir, rnd, fed.global_adapter, fed.client_baselines, len(metrics.rows),
+                                cfg.checkpoint_keep)
             console.print(_round_table(rnd, rows, time.perf_counter() - t0))
             progress.advance(bar)
     adapter_path = run_dir / "adapter"

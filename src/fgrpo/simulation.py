@@ -75,7 +75,6 @@ class Federation:
             **{k: getattr(cfg, k) for k in aggregation.FGRPOSettings.__dataclass_fields__})
         self.strategy = aggregation.STRATEGIES[cfg.strategy]
         self.client_baselines: dict[str, aggregation.ClientBaseline] = {}
-        self.sampler = random.Random(derived_seed(cfg.seed, "client-sampling"))
 
     # --- client side --------------------------------------------------------------------------
     def train_client(self, client: tasks.ClientSpec, rnd: int) -> ClientUpdate:
@@ -100,8 +99,10 @@ class Federation:
     def clients_per_round(self) -> int:
         return max(1, round(self.cfg.fraction * len(self.clients)))
 
-    def sample_clients(self) -> list[tasks.ClientSpec]:
-        chosen = sorted(self.sampler.sample(range(len(self.clients)), self.clients_per_round))
+    def sample_clients(self, rnd: int) -> list[tasks.ClientSpec]:
+        """This round's participants; seeded per round, so no sampler state to checkpoint."""
+        rng = random.Random(derived_seed(self.cfg.seed, "client-sampling", rnd))
+        chosen = sorted(rng.sample(range(len(self.clients)), self.clients_per_round))
         return [self.clients[i] for i in chosen]
 
     def evaluate(self) -> dict[str, float]:
@@ -118,7 +119,7 @@ class Federation:
 
     def run_round(self, rnd: int, on_client_done=None) -> list[dict]:
         """Train the sampled clients, aggregate, evaluate if due; return the round's metric rows."""
-        participants = self.sample_clients()
+        participants = self.sample_clients(rnd)
         updates = []
         for client in participants:
             updates.append(self.train_client(client, rnd))

@@ -1,0 +1,77 @@
+"""Checkpoints and --resume: a resumed run ends exactly where an uninterrupted one does."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fgrpo.cli import main
+
+TINY = ["--local-steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--train-size", "8",
+        "--eval-size", "4", "--warm-start-steps", "2", "--max-new-tokens", "4", "--num-clients", "3"]
+TIMINGS = {"train_seconds", "eval_seconds"}
+
+
+def rows(run_dir):
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        out.append({k: v for k, v in json.loads(line).items() if k not in TIMINGS})
+    return out
+
+
+def state(run_dir):
+    latest = sorted((run_dir / "checkpoints").glob("round-*"))[-1]
+    return json.loads((latest / "state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    run_dir = root / "run"
+    assert main(["run", *TINY, "--rounds", "4", "--cache-dir", str(root / "cache"), "--out", str(run_dir)]) == 0
+    return run_dir, root / "cache"
+
+
+def test_stop_then_resume_equals_straight_run(straight, tmp_path):
+    straight_dir, cache = straight
+    run_dir = tmp_path / "run"
+    assert main(["run", *TINY, "--rounds", "2", "--cache-dir", str(cache), "--out", str(run_dir)]) == 0
+    assert main(["run", "--resume", str(run_dir), "--rounds", "4"]) == 0
+    a = load_file(straight_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    assert rows(run_dir) == rows(straight_dir)
+    assert state(run_dir)["client_baselines"] == state(straight_dir)["client_baselines"]
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 4
+    assert len(list((run_dir / "checkpoints").glob("round-*"))) == 2  # checkpoint_keep
+
+
+def test_resume_without_checkpoint_is_a_clear_error(straight, tmp_path, capsys):
+    _, cache = straight
+    run_dir = tmp_path / "run"
+    assert main(["run", *TINY, "--rounds", "1", "--cache-dir", str(cache), "--out", str(run_dir)]) == 0
+    for checkpoint in (run_dir / "checkpoints").glob("round-*"):
+        for f in checkpoint.iterdir():
+            f.unlink()
+        checkpoint.rmdir()
+    assert main(["run", "--resume", str(run_dir)]) == 2
+    assert "no checkpoint there" in capsys.readouterr().err
+
+
+def test_resume_after_a_crash_mid_round(straight, tmp_path):
+    straight_dir, cache = straight
+    run_dir = tmp_path / "run"
+    assert main(["run", *TINY, "--rounds", "2", "--cache-dir", str(cache), "--out", str(run_dir)]) == 0
+    with (run_dir / "metrics.jsonl").open("a") as fh:  # round 3 half written when the process died
+        fh.write(json.dumps({"round": 3, "kind": "client", "client_id": "client-0"}) + "\n")
+        fh.write('{"round": 3, "kind": "cl')
+    assert main(["run", "--resume", str(run_dir), "--rounds", "4"]) == 0
+    assert rows(run_dir) == rows(straight_dir)
+
+
+def test_resume_refuses_other_changes_and_missing_runs(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path), "--lr", "0.1"]) == 2
+    assert "only --rounds may change, not: lr" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "no config.toml there" in capsys.readouterr().err
