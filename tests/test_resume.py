@@ -75,3 +75,35 @@ def test_resume_refuses_other_changes_and_missing_runs(tmp_path, capsys):
     assert "only --rounds may change, not: lr" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert "no config.toml there" in capsys.readouterr().err
+
+
+def test_sigkill_mid_run_then_resume(tmp_path):
+    """Kill the process with SIGKILL during round 3, resume: same adapter, no torn or repeated rows."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [*TINY, "--local-steps", "4", "--rounds", "5", "--cache-dir", str(tmp_path / "cache")]
+    straight = tmp_path / "straight"
+    assert main(["run", *args, "--out", str(straight)]) == 0  # also builds the model cache
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fgrpo.cli", "run", *args, "--out", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any('"round": 2, "kind": "eval"' in line for line in metrics.read_text().splitlines()):
+            time.sleep(0.3)  # into round 3
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rows(run_dir) == rows(straight)  # every line parses, none repeated or missing
