@@ -1,9 +1,9 @@
 """In-process federation overhead and bytes on the wire.
 
-For each round: wall time of ``Federation.run_round`` divided by the sum of the clients' local
-training time and the evaluation time (target <= 1.05; the rest is adapter swapping, delta
-computation and aggregation), and the bytes one client receives (the global adapter) and sends
-(its delta) per round. Median over rounds. Last line: one JSON object.
+For each round: wall time of ``Federation.run_round`` plus the round's checkpoint, divided by the
+sum of the clients' local training time and the evaluation time (target <= 1.05; the rest is
+adapter swapping, delta computation, aggregation and the checkpoint write), and the bytes one
+client receives (the global adapter) and sends (its delta) per round. Median over rounds. Last line: one JSON object.
 
     python benchmarks/federation.py --quick      # 6 rounds of the default, 3 local steps
     python benchmarks/federation.py              # 10 rounds of the default
@@ -15,10 +15,13 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from fgrpo.checkpoint import save_checkpoint
 from fgrpo.config import build_config
 from fgrpo.runner import quiet_libraries
 from fgrpo.simulation import Federation
@@ -32,10 +35,12 @@ def main() -> None:
     overrides = {"rounds": 6, "local_steps": 3} if args.quick else {"rounds": 10}
     cfg = build_config(overrides=overrides)
     fed = Federation(cfg)
+    checkpoints = Path(tempfile.mkdtemp(prefix="fgrpo-bench-"))
     ratios = []
     for rnd in range(1, cfg.rounds + 1):
         start = time.perf_counter()
         rows = fed.run_round(rnd)
+        save_checkpoint(checkpoints, rnd, fed.global_adapter, fed.client_baselines, 0, keep=2)
         wall = time.perf_counter() - start
         work = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in rows)
         ratios.append(wall / work)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fgrpo.cli import main
 from fgrpo.config import reference_markdown
+from tiny import TINY
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -17,9 +18,8 @@ def test_config_reference_is_generated_from_the_code():
 
 def test_every_emitted_metric_is_in_the_glossary(tmp_path):
     out = tmp_path / "run"
-    args = ["run", "--rounds", "1", "--local-steps", "1", "--prompts-per-step", "2", "--group-size", "2",
-            "--train-size", "8", "--eval-size", "4", "--warm-start-steps", "2", "--max-new-tokens", "4",
-            "--beta", "0.1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    args = ["run", *TINY, "--rounds", "1", "--beta", "0.1", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out)]
     assert main(args) == 0
     glossary = (DOCS / "algorithm.md").read_text().split("## 5. Metrics glossary", 1)[1]
     documented = set(re.findall(r"`([a-z_/<>]+)`", glossary))

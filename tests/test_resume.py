@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from fgrpo.cli import main
+from tiny import TINY as TINY_ARGS
 
-TINY = ["--local-steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--train-size", "8",
-        "--eval-size", "4", "--warm-start-steps", "2", "--max-new-tokens", "4", "--num-clients", "3"]
+TINY = [*TINY_ARGS, "--num-clients", "3"]
 TIMINGS = {"train_seconds", "eval_seconds"}
 
 

@@ -14,9 +14,9 @@ from fgrpo.cli import main
 from fgrpo.config import build_config, config_fields
 from fgrpo.model import build_tiny_model, char_tokenizer, embedded_model_path
 from fgrpo.tasks import DEFAULT_TASKS
+from tiny import TINY as TINY_ARGS
 
-TINY = ["--rounds", "2", "--local-steps", "1", "--prompts-per-step", "2", "--group-size", "2",
-        "--train-size", "8", "--eval-size", "4", "--warm-start-steps", "2", "--max-new-tokens", "4"]
+TINY = ["--rounds", "2", *TINY_ARGS]
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +156,10 @@ def test_eval_reproduces_the_runs_final_accuracy(run_dir, capsys):
 def test_eval_of_a_folder_without_adapter_exits_2(tmp_path, capsys):
     assert main(["eval", "--adapter", str(tmp_path)]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_a_finished_run_directory_is_not_overwritten(run_dir, capsys):
+    before = (run_dir / "metrics.jsonl").read_text()
+    assert main(["run", *TINY, "--out", str(run_dir)]) == 2
+    assert "already holds a run; continue it with --resume" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_text() == before

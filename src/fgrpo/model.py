@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from fgrpo import tasks
+from fgrpo.config import ConfigError
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = string.ascii_letters + string.digits + string.punctuation + " "
@@ -146,13 +147,19 @@ def resolve_device(device: str) -> torch.device:
 
 def load_base(model: str, device: torch.device, warm_start_steps: int = 800, cache_dir: str = "",
               progress=None):
-    """(model, tokenizer) for 'embedded', a local folder, or a hub name; frozen, left padding."""
+    """(model, tokenizer) for 'embedded', a local folder, or a hub name; frozen, left padding.
+    A model that cannot be loaded raises ConfigError (one line for the user)."""
     path = embedded_model_path(warm_start_steps, cache_dir, progress) if model == "embedded" else model
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as err:  # unreachable hub name, folder without a model
+        reason = str(err).strip().splitlines()[0]
+        raise ConfigError(f"model = {model!r} could not be loaded: {reason}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    base = base.to(device)
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)

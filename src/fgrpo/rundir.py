@@ -7,7 +7,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from fgrpo.config import RunConfig, to_toml
+from fgrpo.config import ConfigError, RunConfig, to_toml
 
 
 def run_dir_path(cfg: RunConfig) -> Path:
@@ -36,7 +36,8 @@ class MetricsLog:
         if keep_lines is not None:
             lines = path.read_text().splitlines()[:keep_lines] if path.exists() else []
             if len(lines) < keep_lines:
-                raise ValueError(f"{path} has {len(lines)} complete lines, the checkpoint expects {keep_lines}")
+                raise ConfigError(f"{path} has {len(lines)} lines but its checkpoint covers {keep_lines}; "
+                                  "the run directory was changed by hand and cannot be resumed")
             self.rows = [json.loads(line) for line in lines]
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in lines))

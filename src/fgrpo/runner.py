@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fgrpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from fgrpo.config import ConfigError, RunConfig
+from fgrpo.config import ConfigError, RunConfig, build_config
 from fgrpo.rundir import MetricsLog, build_summary, make_run_dir, plot_accuracy, run_dir_path, write_json_atomic
 
 
@@ -36,6 +38,9 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool 
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         raise ConfigError(f"resume = {str(run_dir)!r}: no checkpoint there (checkpoints/round-*)")
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"out = {str(run_dir)!r} already holds a run; continue it with --resume "
+                          f"{run_dir} or choose another --out")
     with _progress(console) as progress:
         from fgrpo.simulation import Federation
 
@@ -119,12 +124,8 @@ def evaluate_saved(adapter: str | None, model: str | None, task_names: str | Non
                    max_new_tokens: int | None, device: str = "auto",
                    console: Console | None = None) -> dict[str, float]:
     """``fgrpo eval``: per-task greedy accuracy of a saved adapter (or a base model alone)."""
-    import json
-    from pathlib import Path
-
     from peft import PeftModel
 
-    from fgrpo.config import RunConfig, build_config
     from fgrpo.evaluation import evaluate, summarize
     from fgrpo.model import load_base, resolve_device
     from fgrpo.tasks import test_split
@@ -143,10 +144,7 @@ def evaluate_saved(adapter: str | None, model: str | None, task_names: str | Non
         model = json.loads(config_path.read_text())["base_model_name_or_path"]
     overrides["model"] = model
     cfg = build_config(overrides={**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
-    try:
-        base, tokenizer = load_base(cfg.model, resolve_device(cfg.device), cfg.warm_start_steps, cfg.cache_dir)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model = {cfg.model!r} could not be loaded: {str(err).strip().splitlines()[0]}") from None
+    base, tokenizer = load_base(cfg.model, resolve_device(cfg.device), cfg.warm_start_steps, cfg.cache_dir)
     net = PeftModel.from_pretrained(base, adapter) if adapter else base
     accuracy = evaluate(net, tokenizer, {t: test_split(t, cfg.eval_size) for t in cfg.task_list}, cfg.max_new_tokens)
     table = Table(title="held-out accuracy (greedy)", title_justify="left",

@@ -20,7 +20,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fgrpo import aggregation, tasks
-from fgrpo.config import ConfigError, RunConfig
+from fgrpo.config import RunConfig
 from fgrpo.evaluation import evaluate, summarize
 from fgrpo.grpo import GRPOSettings, local_grpo
 from fgrpo.model import add_lora, load_base, resolve_device
@@ -57,12 +57,8 @@ class Federation:
     def __init__(self, cfg: RunConfig, progress=None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        try:
-            base, self.tokenizer = load_base(cfg.model, self.device, cfg.warm_start_steps,
-                                             cfg.cache_dir, progress)
-        except (OSError, ValueError) as err:  # unreachable hub name, folder without a model
-            reason = str(err).strip().splitlines()[0]
-            raise ConfigError(f"model = {cfg.model!r} could not be loaded: {reason}") from None
+        base, self.tokenizer = load_base(cfg.model, self.device, cfg.warm_start_steps, cfg.cache_dir,
+                                         progress)
         self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed)
         self.clients = tasks.build_scenario(cfg.scenario, cfg.num_clients, cfg.train_size, cfg.seed,
                                             cfg.task_list)
