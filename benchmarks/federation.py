@@ -40,7 +40,7 @@ def main() -> None:
     for rnd in range(1, cfg.rounds + 1):
         start = time.perf_counter()
         rows = fed.run_round(rnd)
-        save_checkpoint(checkpoints, rnd, fed.global_adapter, fed.client_baselines, 0, keep=2)
+        save_checkpoint(checkpoints, rnd, *fed.server_state_dict(), 0, keep=2)
         wall = time.perf_counter() - start
         work = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in rows)
         ratios.append(wall / work)

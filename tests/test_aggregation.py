@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from fgrpo import aggregation
 from fgrpo.aggregation import (
     STRATEGIES,
     ClientBaseline,
@@ -166,3 +167,52 @@ def test_apply_update_by_hand():
     out = apply_update(theta, deltas, [0.25, 0.75], server_lr=2.0)
     assert torch.allclose(out["w"], torch.tensor([1.0 + 2 * 0.25, 2.0 + 2 * 3.0]))
     assert torch.equal(theta["w"], torch.tensor([1.0, 2.0]))  # input untouched
+
+
+def test_server_sgd_is_the_weighted_sum():
+    theta = {"a": torch.tensor([1.0, -1.0])}
+    deltas = [{"a": torch.tensor([1.0, 0.0])}, {"a": torch.tensor([0.0, 2.0])}]
+    delta = aggregation.pseudo_gradient(deltas, [0.25, 0.75])
+    assert torch.allclose(delta["a"], torch.tensor([0.25, 1.5]))
+    new, state = aggregation.server_step(theta, delta, aggregation.ServerOptimizer("sgd", lr=2.0),
+                                         aggregation.ServerOptimizerState())
+    assert torch.allclose(new["a"], torch.tensor([1.5, 2.0])) and state.step == 1
+    assert torch.equal(theta["a"], torch.tensor([1.0, -1.0]))  # inputs untouched
+
+
+def test_server_adam_bias_corrected_steps():
+    """With a constant pseudo-gradient D, Adam's bias-corrected step is exactly
+    lr * D / (|D| + eps / sqrt(1 - b2^t))."""
+    opt = aggregation.ServerOptimizer("adam", lr=0.01, beta1=0.9, beta2=0.99, eps=1e-3)
+    theta = {"a": torch.zeros(3)}
+    delta = {"a": torch.tensor([0.5, -0.002, 0.0])}
+    state = aggregation.ServerOptimizerState()
+    for t in range(1, 6):
+        new, state = aggregation.server_step(theta, delta, opt, state)
+        expected = 0.01 * delta["a"] / (delta["a"].abs() + 1e-3 / math.sqrt(1 - 0.99**t))
+        assert torch.allclose(new["a"] - theta["a"], expected, atol=1e-8)
+        theta = new
+    assert state.step == 5 and torch.allclose(state.m["a"], (1 - 0.9**5) * delta["a"])
+
+
+def test_server_yogi_first_step_and_moment_rule():
+    opt = aggregation.ServerOptimizer("yogi", lr=0.01, beta1=0.9, beta2=0.99, eps=1e-3)
+    delta = {"a": torch.tensor([0.5, -0.5])}
+    new, state = aggregation.server_step({"a": torch.zeros(2)}, delta, opt, aggregation.ServerOptimizerState())
+    assert torch.allclose(state.v["a"], 0.01 * delta["a"] ** 2)  # v = 0 - (1-b2) D^2 sign(0 - D^2)
+    assert torch.allclose(new["a"], 0.01 * 0.05 / (0.05 + 1e-3) * torch.tensor([1.0, -1.0]))
+    small = {"a": torch.tensor([0.01, 0.01])}  # v > D^2: yogi shrinks v additively
+    _, state2 = aggregation.server_step(new, small, opt, state)
+    assert torch.allclose(state2.v["a"], state.v["a"] - 0.01 * small["a"] ** 2)
+
+
+def test_lora_product_error_zero_when_a_is_shared_and_positive_otherwise():
+    torch.manual_seed(0)
+    glob = {"l.lora_A.weight": torch.randn(2, 3), "l.lora_B.weight": torch.zeros(3, 2)}
+    d_b = [torch.randn(3, 2), torch.randn(3, 2)]
+    frozen_a = [{"l.lora_A.weight": torch.zeros(2, 3), "l.lora_B.weight": db} for db in d_b]
+    assert aggregation.lora_product_error(glob, frozen_a, [0.3, 0.7]) == pytest.approx(0.0, abs=1e-12)
+    moving_a = [{"l.lora_A.weight": torch.randn(2, 3), "l.lora_B.weight": db} for db in d_b]
+    assert aggregation.lora_product_error(glob, moving_a, [0.3, 0.7]) > 0.01
+    same = [moving_a[0], moving_a[0]]  # identical clients: averaging factors is exact
+    assert aggregation.lora_product_error(glob, same, [0.5, 0.5]) == pytest.approx(0.0, abs=1e-12)

@@ -106,3 +106,23 @@ def test_local_grpo_with_kl_and_mu(tiny_lora):
         ids = tokenizer(["rev:abc="], return_tensors="pt")["input_ids"]
         base_logits = model(input_ids=ids).logits
     assert not torch.allclose(base_logits, model(input_ids=ids).logits)
+
+
+def test_fedprox_term_keeps_the_update_closer_to_the_start(tiny_lora):
+    model, tokenizer = tiny_lora
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    train = tasks.train_split("spell_backward", 16, seed=0)
+    reward = lambda ex, text: float(len(text))
+    norms = {}
+    for mu in (0.0, 1.0):
+        for p, s in zip(params, start):
+            p.data.copy_(s)
+        torch.manual_seed(0)
+        opt = torch.optim.SGD(params, lr=0.5)
+        cfg = GRPOSettings(local_steps=4, prompts_per_step=2, group_size=4, max_new_tokens=5, proximal_mu=mu,
+                           max_grad_norm=0.0)
+        result = local_grpo(model, tokenizer, opt, prompt_batches(train, 2, 0), reward, cfg)
+        norms[mu] = sum(float(((p - s) ** 2).sum()) for p, s in zip(params, start)) ** 0.5
+        assert ("proximal_term" in result.metrics) == (mu > 0)
+    assert 0 < norms[1.0] < 0.8 * norms[0.0]

@@ -107,3 +107,21 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rows(run_dir) == rows(straight)  # every line parses, none repeated or missing
+
+
+@pytest.mark.parametrize("extra", [["--server-optimizer", "adam", "--server-lr", "0.01"],
+                                   ["--strategy", "local-only"]], ids=["fedadam-moments", "local-only-adapters"])
+def test_resume_restores_server_optimizer_and_local_adapters(straight, tmp_path, extra):
+    """Adam's moments and local-only clients' own adapters are part of the checkpoint."""
+    _, cache = straight
+    common = ["run", *TINY, *extra, "--cache-dir", str(cache)]
+    assert main([*common, "--rounds", "3", "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--rounds", "1", "--out", str(tmp_path / "b")]) == 0
+    assert main(["run", "--resume", str(tmp_path / "b"), "--rounds", "3"]) == 0
+    a = sorted((tmp_path / "a" / "adapter").rglob("*.safetensors"))
+    b = sorted((tmp_path / "b" / "adapter").rglob("*.safetensors"))
+    assert len(a) == len(b) == (3 if "local-only" in extra else 1)  # one adapter per client
+    for fa, fb in zip(a, b):
+        ta, tb = load_file(fa), load_file(fb)
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)  # bitwise
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")

@@ -163,3 +163,36 @@ def test_a_finished_run_directory_is_not_overwritten(run_dir, capsys):
     assert main(["run", *TINY, "--out", str(run_dir)]) == 2
     assert "already holds a run; continue it with --resume" in capsys.readouterr().err
     assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_ffa_keeps_lora_a_frozen_and_aggregation_exact(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--rounds", "2", "--lora-aggregation", "ffa", "--checkpoint-keep", "5",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    server = [r for r in rows if r["kind"] == "server"]
+    assert len(server) == 2 and all(r["lora_product_error"] < 1e-9 for r in server)
+    assert all(r["pseudo_gradient_norm"] > 0 for r in server)
+    start = load_file(out / "checkpoints" / "round-0000" / "tensors.safetensors")
+    final = load_file(out / "checkpoints" / "round-0002" / "tensors.safetensors")
+    assert all(torch.equal(final[k], start[k]) == ("lora_A" in k) for k in start)  # only B moved
+
+
+def test_report_rebuilds_summary_and_plot_from_metrics_alone(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--rounds", "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    original = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").unlink()
+    (out / "plots" / "accuracy.png").unlink()
+    # a finished run's metrics with a changed final row: the report must follow metrics.jsonl
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    last["macro_accuracy"], last[f"accuracy/{DEFAULT_TASKS[0]}"] = 0.625, 0.875
+    (out / "metrics.jsonl").write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+    assert main(["report", str(out)]) == 0
+    rebuilt = json.loads((out / "summary.json").read_text())
+    assert (out / "plots" / "accuracy.png").stat().st_size > 0
+    assert rebuilt["final_macro_accuracy"] == 0.625 and rebuilt["per_task_accuracy"][DEFAULT_TASKS[0]] == 0.875
+    same = {k for k in original if k not in ("final_macro_accuracy", "per_task_accuracy", "wall_seconds")}
+    assert {k: rebuilt[k] for k in same} == {k: original[k] for k in same}
+    assert main(["report", str(tmp_path)]) == 2

@@ -47,3 +47,51 @@ def test_config_default_tasks_are_the_default_families():
     from fgrpo.config import RunConfig
 
     assert RunConfig().task_list == tasks.DEFAULT_TASKS
+
+
+def test_difficulty_skew_gives_each_client_one_level_of_one_family():
+    clients = tasks.build_scenario("difficulty-skew", 4, 30, seed=0)
+    assert [c.task for c in clients] == ["spell_backward@1", "spell_backward@2", "spell_backward@3",
+                                         "spell_backward@1"]
+    lengths = {c.task: {len(e.answer) for e in c.train} for c in clients}
+    assert max(lengths["spell_backward@1"]) <= 4 < min(lengths["spell_backward@2"])
+    assert max(lengths["spell_backward@2"]) <= 6 < min(lengths["spell_backward@3"])
+    with pytest.raises(ValueError, match="no difficulty levels"):
+        tasks.build_scenario("difficulty-skew", 2, 10, seed=0, tasks=("word_sorting",))
+
+
+def dominant_share(clients):
+    shares = []
+    for c in clients:
+        counts = [sum(e.task == t for e in c.train) for t in tasks.DEFAULT_TASKS]
+        shares.append(max(counts) / len(c.train))
+    return sum(shares) / len(shares)
+
+
+def test_dirichlet_partitions_one_pool_and_alpha_controls_skew():
+    skewed = tasks.build_scenario("dirichlet", 4, 150, seed=0, dirichlet_alpha=0.1)
+    even = tasks.build_scenario("dirichlet", 4, 150, seed=0, dirichlet_alpha=100.0)
+    for clients in (skewed, even):
+        ids = [id(e) for c in clients for e in c.train]
+        assert len(ids) == len(set(ids)) == 4 * 150  # a partition of the pool: nothing shared or lost
+    assert dominant_share(skewed) > 0.7 > 0.45 > dominant_share(even)
+    assert [c.task for c in tasks.build_scenario("dirichlet", 4, 150, seed=0, dirichlet_alpha=0.1)] == \
+        [c.task for c in skewed]  # seeded
+
+
+def test_quantity_skew_sizes_and_local_steps_differ_tenfold():
+    clients = tasks.build_scenario("quantity-skew", 4, 200, seed=0, local_steps=10)
+    sizes = [len(c.train) for c in clients]
+    assert sizes[0] == 200 and sizes[0] / sizes[-1] >= 10
+    assert [c.local_steps for c in clients] == [10, 5, 2, 1]
+    assert set(tasks.scenario_tasks(clients)) == set(tasks.DEFAULT_TASKS)  # IID mixtures
+
+
+def test_pooled_client_scores_each_prompt_with_its_owners_verifier():
+    clients = tasks.build_scenario("scale-skew", 4, 10, seed=0)
+    pooled = tasks.pooled_client(clients, local_steps=40)
+    assert len(pooled.train) == 40 and pooled.local_steps == 40 and pooled.reward.range == 10.0
+    x10 = clients[1].train[0]  # client-1 rewards on a x10 scale
+    assert pooled.reward(x10, x10.answer) == 10.0
+    signed = clients[3].train[0]
+    assert pooled.reward(signed, "zz") == -1.0

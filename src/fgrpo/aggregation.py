@@ -170,8 +170,81 @@ STRATEGIES = {"fgrpo": fgrpo, "fedavg": fedavg, "uniform": uniform, "reward-weig
 def apply_update(global_params: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]],
                  weights: list[float], server_lr: float) -> dict[str, torch.Tensor]:
     """theta_{t+1} = theta_t + eta * sum_k w_k * delta_k (new tensors; inputs untouched)."""
-    out = {}
-    for name, theta in global_params.items():
-        step = sum(w * d[name].to(torch.float32) for w, d in zip(weights, deltas))
-        out[name] = (theta.to(torch.float32) + server_lr * step).to(theta.dtype)
-    return out
+    return server_step(global_params, pseudo_gradient(deltas, weights), ServerOptimizer(lr=server_lr),
+                       ServerOptimizerState())[0]
+
+
+def lora_product_error(global_params: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]],
+                       weights: list[float]) -> float:
+    """How far averaging LoRA factors separately is from averaging the updates they make.
+
+    For each adapted layer, with B_k = B + dB_k and A_k = A + dA_k:
+        exact  = sum_k w_k B_k A_k             (what averaging the full weight updates would give)
+        fedit  = (sum_k w_k B_k)(sum_k w_k A_k) (what averaging A and B separately gives)
+    returns ||exact - fedit||_F / ||exact - B A||_F over all layers (0 when A is shared and frozen).
+    """
+    num = den = 0.0
+    for a_name in (k for k in global_params if "lora_A" in k):
+        b_name = a_name.replace("lora_A", "lora_B")
+        a, b = global_params[a_name].double(), global_params[b_name].double()
+        a_k = [a + d[a_name].double() for d in deltas]
+        b_k = [b + d[b_name].double() for d in deltas]
+        exact = sum(w * bk @ ak for w, bk, ak in zip(weights, b_k, a_k))
+        fedit = sum(w * bk for w, bk in zip(weights, b_k)) @ sum(w * ak for w, ak in zip(weights, a_k))
+        num += float(((exact - fedit) ** 2).sum())
+        den += float(((exact - b @ a) ** 2).sum())
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def pseudo_gradient(deltas: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Delta = sum_k w_k * delta_k, in float32."""
+    return {name: sum(w * d[name].to(torch.float32) for w, d in zip(weights, deltas)) for name in deltas[0]}
+
+
+@dataclass(frozen=True)
+class ServerOptimizer:
+    """How the server applies the weighted pseudo-gradient (Reddi et al. 2021, as in Flower)."""
+
+    kind: str = "sgd"  # sgd | adam | yogi
+    lr: float = 1.0  # eta
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-3  # the adaptivity tau of FedAdam / FedYogi
+
+
+@dataclass
+class ServerOptimizerState:
+    step: int = 0
+    m: dict[str, torch.Tensor] | None = None
+    v: dict[str, torch.Tensor] | None = None
+
+
+def server_step(global_params: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                opt: ServerOptimizer, state: ServerOptimizerState,
+                ) -> tuple[dict[str, torch.Tensor], ServerOptimizerState]:
+    """One server update from the pseudo-gradient Delta (new tensors; inputs untouched).
+
+        sgd:   theta <- theta + eta * Delta
+        adam:  m <- b1 m + (1 - b1) Delta;  v <- b2 v + (1 - b2) Delta^2
+               theta <- theta + eta * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+        yogi:  m as adam;  v <- v - (1 - b2) Delta^2 sign(v - Delta^2)
+               theta <- theta + eta * m / (sqrt(v) + eps)     (no bias correction, as in Flower)
+    """
+    if opt.kind == "sgd":
+        new = {k: (theta.to(torch.float32) + opt.lr * delta[k]).to(theta.dtype) for k, theta in global_params.items()}
+        return new, ServerOptimizerState(state.step + 1)
+    if opt.kind not in ("adam", "yogi"):
+        raise ValueError(f"unknown server optimizer {opt.kind!r}")
+    t = state.step + 1
+    m_old = state.m or {k: torch.zeros_like(d) for k, d in delta.items()}
+    v_old = state.v or {k: torch.zeros_like(d) for k, d in delta.items()}
+    m = {k: opt.beta1 * m_old[k] + (1 - opt.beta1) * d for k, d in delta.items()}
+    if opt.kind == "adam":
+        v = {k: opt.beta2 * v_old[k] + (1 - opt.beta2) * d * d for k, d in delta.items()}
+        lr = opt.lr * math.sqrt(1 - opt.beta2**t) / (1 - opt.beta1**t)
+    else:
+        v = {k: v_old[k] - (1 - opt.beta2) * d * d * torch.sign(v_old[k] - d * d) for k, d in delta.items()}
+        lr = opt.lr
+    new = {k: (theta.to(torch.float32) + lr * m[k] / (v[k].sqrt() + opt.eps)).to(theta.dtype)
+           for k, theta in global_params.items()}
+    return new, ServerOptimizerState(t, m, v)

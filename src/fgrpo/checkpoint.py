@@ -1,8 +1,9 @@
 """Round checkpoints of the server state, written atomically.
 
-``RUN_DIR/checkpoints/round-0003/`` holds ``adapter.safetensors`` (the global adapter) and
-``state.json`` (the round, every client's baseline, and how many lines of metrics.jsonl belong to
-the rounds up to this one). It is written under a temporary name, fsynced, and renamed, so a
+``RUN_DIR/checkpoints/round-0003/`` holds ``tensors.safetensors`` (the global adapter, the server
+optimizer's moments, local-only clients' adapters: names prefixed by what they are) and
+``state.json`` (the round, every client's baseline, the server optimizer's step, and how many lines
+of metrics.jsonl belong to the rounds up to this one). It is written under a temporary name, fsynced, and renamed, so a
 crash leaves the previous checkpoint valid. Client sampling and rollouts are seeded per round and
 per client, and clients keep no state between rounds, so this is everything a resume needs.
 """
@@ -12,13 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-
-from fgrpo.aggregation import ClientBaseline
 
 
 def _fsync(path: Path) -> None:
@@ -29,17 +27,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, rnd: int, adapter: dict[str, torch.Tensor],
-                    client_baselines: dict[str, ClientBaseline], metrics_lines: int, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, rnd: int, tensors: dict[str, torch.Tensor], state: dict,
+                    metrics_lines: int, keep: int) -> Path:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{rnd:04d}"
     tmp = root / f".tmp-round-{rnd:04d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in adapter.items()}, tmp / "adapter.safetensors")
-    state = {"round": rnd, "metrics_lines": metrics_lines,
-             "client_baselines": {k: asdict(v) for k, v in client_baselines.items()}}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "tensors.safetensors")
+    state = {"round": rnd, "metrics_lines": metrics_lines, **state}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():
         _fsync(f)
@@ -56,8 +53,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, ClientBaseline], int]:
-    """(round, global adapter, client baselines, metrics lines) of a checkpoint folder."""
-    state = json.loads((path / "state.json").read_text())
-    baselines = {k: ClientBaseline(**v) for k, v in state["client_baselines"].items()}
-    return state["round"], load_file(path / "adapter.safetensors"), baselines, state["metrics_lines"]
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of a checkpoint folder; state has ``round`` and ``metrics_lines``."""
+    return load_file(path / "tensors.safetensors"), json.loads((path / "state.json").read_text())

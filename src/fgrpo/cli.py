@@ -23,12 +23,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE.toml", help="TOML file with config keys (default: none)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint "
                      "to its configured number of rounds (only --rounds may be given with it, to extend it)")
-    defaults = RunConfig()
-    for f in config_fields():
-        default = getattr(defaults, f.name)
-        run.add_argument(_option(f.name), dest=f.name, metavar=type(default).__name__.upper(),
-                         default=None, help=f"{f.metadata['doc']} (default: {default!r})")
+    _add_config_options(run)
     run.set_defaults(func=cmd_run)
+
+    cmp = sub.add_parser("compare", help="strategies x scenarios x seeds into one results directory",
+                         description="Run every strategy on every scenario with every seed (finished runs "
+                         "are reused, interrupted ones resumed), then write table.csv, table.md and plots. "
+                         "Strategy names: any --strategy value, fedprox, fedadam, fedyogi, or "
+                         "weighting+modifier such as fgrpo+fedadam.")
+    cmp.add_argument("--preset", help="packaged preset name (main, tiny, ...) or a preset .toml file")
+    cmp.add_argument("--strategies", help="comma-separated strategy names (overrides the preset)")
+    cmp.add_argument("--scenarios", help="comma-separated scenarios (overrides the preset)")
+    cmp.add_argument("--seeds", help="comma-separated seeds (default: the preset's, else 0,1,2)")
+    cmp.add_argument("--target", type=float, help="macro accuracy for 'rounds to target' (default 0.8)")
+    cmp.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
+    cmp.add_argument("--out", help="results directory (default: compare/<date-time>)")
+    cmp.add_argument("--config", metavar="FILE.toml", help="TOML file with config keys shared by every run")
+    _add_config_options(cmp, skip=("out", "seed", "strategy", "scenario"))
+    cmp.set_defaults(func=cmd_compare)
 
     ev = sub.add_parser("eval", help="evaluate a saved adapter (or a base model) on held-out tasks",
                         description="Greedy held-out accuracy per task of a saved LoRA adapter or of a "
@@ -43,11 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, help="completion length (default: the run's, else 10)")
     ev.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
     ev.set_defaults(func=cmd_eval)
+
+    rep = sub.add_parser("report", help="redraw a run's plots and summary from metrics.jsonl",
+                         description="Rebuild RUN_DIR/summary.json and RUN_DIR/plots/ from RUN_DIR/config.toml "
+                         "and RUN_DIR/metrics.jsonl alone, and print the final per-task table.")
+    rep.add_argument("run_dir", metavar="RUN_DIR")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 
+def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    defaults = RunConfig()
+    for f in config_fields():
+        if f.name in skip:
+            continue
+        default = getattr(defaults, f.name)
+        parser.add_argument(_option(f.name), dest=f.name, metavar=type(default).__name__.upper(),
+                            default=None, help=f"{f.metadata['doc']} (default: {default!r})")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name, None) is not None}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    overrides = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) is not None}
+    overrides = _overrides(args)
     from fgrpo.runner import run_experiment
 
     if args.resume:
@@ -65,10 +97,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from fgrpo.compare import Plan, load_preset, run_comparison
+    from fgrpo.config import load_toml
+
+    plan = load_preset(args.preset) if args.preset else Plan([], [], [0, 1, 2])
+    if args.strategies:
+        plan.strategies = _names(args.strategies)
+    if args.scenarios:
+        plan.scenarios = _names(args.scenarios)
+    if args.seeds:
+        try:
+            plan.seeds = [int(s) for s in _names(args.seeds)]
+        except ValueError:
+            raise ConfigError(f"seeds = {args.seeds!r}: give comma-separated integers such as 0,1,2") from None
+    if args.target is not None:
+        plan.target = args.target
+    if not plan.strategies or not plan.scenarios:
+        raise ConfigError("compare needs --strategies and --scenarios (or a --preset that names them)")
+    if args.jobs < 1:
+        raise ConfigError(f"jobs = {args.jobs} is out of range; valid: an integer >= 1")
+    plan.run = {**plan.run, **(load_toml(args.config) if args.config else {}), **_overrides(args)}
+    out = Path(args.out) if args.out else Path("compare") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_comparison(plan, out, jobs=args.jobs)
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from fgrpo.runner import evaluate_saved
 
     evaluate_saved(args.adapter, args.model, args.tasks, args.eval_size, args.max_new_tokens, args.device)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fgrpo.runner import report
+
+    report(args.run_dir)
     return 0
 
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("fgrpo", "fedavg", "uniform", "reward-weighted", "gain-no-baseline")
-SCENARIOS = ("scale-skew", "task-skew")
+STRATEGIES = ("fgrpo", "fedavg", "uniform", "reward-weighted", "gain-no-baseline", "centralized", "local-only")
+SCENARIOS = ("scale-skew", "task-skew", "difficulty-skew", "dirichlet", "quantity-skew", "user-data")
+SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 GAIN_FORMS = ("z", "ratio")
 SCALE_REWARDS = ("group", "none")
@@ -34,14 +35,32 @@ class RunConfig:
     # --- experiment ---------------------------------------------------------------------------
     model: str = _f("embedded", "'embedded' (tiny local model, built and cached on first use), a "
                     "local folder with a Hugging Face causal LM, or a hub name.")
-    scenario: str = _f("scale-skew", f"Non-IID scenario: one of {', '.join(SCENARIOS)}.")
-    strategy: str = _f("fgrpo", f"Server aggregation: one of {', '.join(STRATEGIES)}.")
+    scenario: str = _f("scale-skew", f"Non-IID scenario: one of {', '.join(SCENARIOS)}. 'user-data' "
+                       "(implied by 'data') makes one client per data source.")
+    data: str = _f("", "Comma-separated data sources, one client each: JSONL or Parquet files, Hugging Face "
+                   "dataset folders or hub names (split 'train'); a fixed 20% (at most eval_size rows) of "
+                   "each is held out for evaluation.")
+    rewards: str = _f("exact", "Verifier per data source (one for all, or comma-separated, one per source): "
+                      "'exact', 'math' (math-verify), 'rg:<reasoning-gym dataset>', or 'module:function' "
+                      "called as function(prompt, completion, answer) -> float in [0, 1].")
+    prompt_column: str = _f("prompt", "Column (JSON field) of the data sources holding the prompt.")
+    answer_column: str = _f("answer", "Column (JSON field) of the data sources holding the gold answer.")
+    skip_bad_rows: bool = _f(False, "Skip malformed rows of the data sources (and report how many) "
+                             "instead of stopping with an error that names the row.")
+    strategy: str = _f("fgrpo", f"Server aggregation: one of {', '.join(STRATEGIES)}. 'centralized' "
+                       "trains one model on every client's prompts pooled (same steps per round as "
+                       "all clients together); 'local-only' trains each client alone and evaluates "
+                       "it on its own tasks.")
     tasks: str = _f("spell_backward,number_sorting,letter_counting", "Comma-separated task "
                     "families; client k holds family k mod len(tasks). Known: spell_backward, "
-                    "number_sorting, letter_counting, word_sorting.")
+                    "number_sorting, letter_counting, word_sorting; 'family@1'..'@3' are difficulty "
+                    "levels of the first three.")
+    dirichlet_alpha: float = _f(0.5, "Concentration of the 'dirichlet' scenario's task mixtures "
+                                "(small: each client holds mostly one task).")
     seed: int = _f(0, "Seed for data, model init, client sampling and rollouts.")
     rounds: int = _f(15, "Federated rounds.")
-    num_clients: int = _f(4, "Number of clients (data owners).")
+    num_clients: int = _f(4, "Number of clients (data owners) of a named scenario; with 'data', one client "
+                          "per source.")
     fraction: float = _f(1.0, "Fraction of clients sampled each round, in (0, 1].")
     train_size: int = _f(2000, "Training prompts per client.")
     eval_size: int = _f(200, "Held-out prompts per task for evaluation (at most 200).")
@@ -65,11 +84,23 @@ class RunConfig:
     mu: int = _f(1, "Optimizer iterations per batch of rollouts.")
     kl_bias_correction: bool = _f(False, "Multiply the KL term by the importance ratio (TRL's "
                                   "use_bias_correction_kl); changes the KL gradient when beta > 0.")
+    proximal_mu: float = _f(0.0, "FedProx: adds proximal_mu / 2 * ||theta - theta_global||^2 over the "
+                            "adapter to every local step's loss (0 disables).")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_aggregation: str = _f("fedit", "'fedit': clients train A and B and the server averages each "
+                               "(common practice; the average of products B_k A_k is only approximated, "
+                               "see lora_product_error); 'ffa': A stays at its shared seeded init and only "
+                               "B is trained, so averaging B is exact (FFA-LoRA).")
     # --- server ---------------------------------------------------------------------------------
-    server_lr: float = _f(1.0, "Server learning rate eta: theta += eta * sum_k w_k * delta_k.")
+    server_lr: float = _f(1.0, "Server learning rate eta: theta += eta * sum_k w_k * delta_k (with "
+                          "'sgd'; the step size of adam / yogi, where 0.01 is a sane start).")
+    server_optimizer: str = _f("sgd", "How the server applies the weighted pseudo-gradient: 'sgd', "
+                               "'adam' (FedAdam) or 'yogi' (FedYogi); composes with any weighting.")
+    server_beta1: float = _f(0.9, "FedAdam / FedYogi first-moment decay, in [0, 1).")
+    server_beta2: float = _f(0.99, "FedAdam / FedYogi second-moment decay, in [0, 1).")
+    server_eps: float = _f(1e-3, "FedAdam / FedYogi adaptivity tau (added to sqrt(v)), > 0.")
     gain_form: str = _f("z", "FGRPO gain: 'z' = (r_end - b) / s (scale and shift invariant), "
                         "'ratio' = (r_end - b) / |b| (scale invariant).")
     tau: float = _f(1.0, "FGRPO softmax temperature on the gains (> 0).")
@@ -91,7 +122,8 @@ class RunConfig:
         """Check every value; raise ConfigError naming the first bad one."""
         choices = {
             "scenario": SCENARIOS, "strategy": STRATEGIES, "loss_type": LOSS_TYPES,
-            "gain_form": GAIN_FORMS, "scale_rewards": SCALE_REWARDS,
+            "gain_form": GAIN_FORMS, "scale_rewards": SCALE_REWARDS, "server_optimizer": SERVER_OPTIMIZERS,
+            "lora_aggregation": ("fedit", "ffa"),
             "device": ("auto", "cpu", "cuda"),
         }
         for key, valid in choices.items():
@@ -99,6 +131,10 @@ class RunConfig:
             if value not in valid:
                 raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(valid)}")
         from fgrpo.tasks import TASKS
+
+        if (self.scenario == "user-data") != bool(self.data.strip()):
+            raise ConfigError(f"scenario = {self.scenario!r} with data = {self.data!r}: 'user-data' and 'data' "
+                              "go together (give --data FILE[,FILE...] and leave the scenario out)")
 
         if not self.task_list:
             raise ConfigError(f"tasks = {self.tasks!r} names no task; choose from: {', '.join(TASKS)}")
@@ -120,8 +156,12 @@ class RunConfig:
         _check("tau", self.tau, self.tau > 0, "> 0")
         _check("server_lr", self.server_lr, self.server_lr > 0, "> 0")
         _check("gain_floor", self.gain_floor, self.gain_floor > 0, "> 0")
+        _check("dirichlet_alpha", self.dirichlet_alpha, self.dirichlet_alpha > 0, "> 0")
+        _check("server_eps", self.server_eps, self.server_eps > 0, "> 0")
+        for key in ("server_beta1", "server_beta2"):
+            _check(key, getattr(self, key), 0 <= getattr(self, key) < 1, "0 <= value < 1")
         for key in ("weight_decay", "max_grad_norm", "beta", "epsilon_low", "epsilon_high",
-                    "size_exponent"):
+                    "size_exponent", "proximal_mu"):
             _check(key, getattr(self, key), getattr(self, key) >= 0, ">= 0")
         _check("epsilon_low", self.epsilon_low, self.epsilon_low < 1, "0 <= epsilon_low < 1")
         _check("lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "0 <= value < 1")
@@ -195,17 +235,23 @@ def build_config(file: str | Path | None = None, overrides: dict[str, Any] | Non
     """Config from defaults, then a TOML file, then overrides (e.g. from the CLI); validated."""
     values: dict[str, Any] = {}
     if file is not None:
-        path = Path(file)
-        try:
-            with path.open("rb") as fh:
-                loaded = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
-        values.update(_known(loaded, source=str(path)))
+        values.update(_known(load_toml(file), source=str(file)))
     values.update(_known(overrides or {}, source="command line"))
+    if values.get("data") and "scenario" not in values:
+        values["scenario"] = "user-data"
     return RunConfig(**{k: coerce(k, v) for k, v in values.items()}).validate()
+
+
+def load_toml(file: str | Path) -> dict[str, Any]:
+    """A TOML file's content; a missing or invalid file is a ConfigError naming it."""
+    path = Path(file)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
 
 
 def _known(values: dict[str, Any], source: str) -> dict[str, Any]:

@@ -149,6 +149,7 @@ class GRPOSettings:
     epsilon_high: float = 0.2
     mu: int = 1
     kl_bias_correction: bool = False
+    proximal_mu: float = 0.0
 
 
 @dataclass
@@ -167,6 +168,7 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
                ) -> LocalResult:
     """Run ``cfg.local_steps`` GRPO steps on the model's active adapter; returns the statistics."""
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None  # theta_global
     sums: dict[str, float] = {}
     step_rewards: list[float] = []
     for _ in range(cfg.local_steps):
@@ -192,7 +194,12 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
                                            rollouts.completion_mask, cfg.loss_type, cfg.beta,
                                            cfg.epsilon_low, cfg.epsilon_high, cfg.max_new_tokens,
                                            cfg.kl_bias_correction)
-            loss.backward()
+            total = loss
+            if anchor is not None:  # FedProx: + mu/2 * ||theta - theta_global||^2
+                proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                total = loss + 0.5 * cfg.proximal_mu * proximal
+                loss_metrics["proximal_term"] = proximal.item()
+            total.backward()
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                          if cfg.max_grad_norm > 0 else torch.tensor(0.0))
             optimizer.step()

@@ -166,9 +166,15 @@ def load_base(model: str, device: torch.device, warm_start_steps: int = 800, cac
     return base, tokenizer
 
 
-def add_lora(base, r: int, alpha: int, dropout: float, seed: int) -> PeftModel:
-    """Wrap the base model with one LoRA adapter on every linear layer (lm_head excluded)."""
+def add_lora(base, r: int, alpha: int, dropout: float, seed: int, freeze_a: bool = False) -> PeftModel:
+    """Wrap the base model with one LoRA adapter on every linear layer (lm_head excluded); with
+    ``freeze_a`` the A factors keep their seeded random init (FFA-LoRA) and only B is trained."""
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
                         task_type="CAUSAL_LM")
-    return get_peft_model(base, config)
+    model = get_peft_model(base, config)
+    if freeze_a:
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return model

@@ -46,18 +46,21 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool 
 
         fed = Federation(cfg, progress=progress)
         console.print(f"[bold]fgrpo run[/bold]: {cfg.strategy} on {cfg.scenario}, model {cfg.model}, "
-                      f"{cfg.num_clients} clients, {cfg.rounds} rounds, seed {cfg.seed} -> {run_dir}")
+                      f"{len(fed.clients)} clients, {cfg.rounds} rounds, seed {cfg.seed} -> {run_dir}")
+        for note in fed.notes:
+            console.print(f"[yellow]data[/yellow]: {note}")
         make_run_dir(run_dir, cfg)
         if checkpoint is not None:
-            done, fed.global_adapter, fed.client_baselines, lines = load_checkpoint(checkpoint)
-            metrics = MetricsLog(run_dir / "metrics.jsonl", keep_lines=lines)
+            tensors, state = load_checkpoint(checkpoint)
+            fed.load_server_state(tensors, state)
+            done = state["round"]
+            metrics = MetricsLog(run_dir / "metrics.jsonl", keep_lines=state["metrics_lines"])
             console.print(f"resumed from {checkpoint} (round {done} of {cfg.rounds})")
         else:
             done, metrics = 0, MetricsLog(run_dir / "metrics.jsonl")
             row = fed.eval_row(0)
             metrics.write([row])
-            save_checkpoint(run_dir, 0, fed.global_adapter, fed.client_baselines, len(metrics.rows),
-                            cfg.checkpoint_keep)
+            save_checkpoint(run_dir, 0, *fed.server_state_dict(), len(metrics.rows), cfg.checkpoint_keep)
             console.print(f"round 0: macro accuracy {row['macro_accuracy']:.3f}  "
                           + "  ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in row.items()
                                       if k.startswith("accuracy/")))
@@ -69,9 +72,13 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool 
             rows = fed.run_round(rnd, on_client_done=lambda c: progress.advance(clients_bar))
             metrics.write(rows)
             if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds:
-                save_checkpoint(run_dir, rnd, fed.global_adapter, fed.client_baselines, len(metrics.rows),
-                                cfg.checkpoint_keep)
+                save_checkpoint(run_dir, rnd, *fed.server_state_dict(), len(metrics.rows), cfg.checkpoint_keep)
             console.print(_round_table(rnd, rows, time.perf_counter() - t0))
+            for r in rows:
+                if r.get("reward_failures") == 1.0:
+                    reward = next(c.reward for c in fed.clients if c.client_id == r["client_id"])
+                    console.print(f"[red]warning[/red]: client {r['client_id']}: its reward {reward.name!r} failed on "
+                                  f"every sample this round (all scored 0), last error: {reward.last_error}")
             progress.advance(bar)
     adapter_path = run_dir / "adapter"
     fed.save_adapter(adapter_path)
@@ -118,6 +125,31 @@ def _summary_table(summary: dict) -> Table:
                   f"[bold]{summary['final_macro_accuracy']:.3f}[/bold]")
     table.caption = f"{summary['wall_seconds']:.0f} s"
     return table
+
+
+def report(run_dir: str | Path, console: Console | None = None) -> dict:
+    """``fgrpo report``: redraw a run's plots and summary.json from its config.toml and metrics.jsonl."""
+    from fgrpo.rundir import read_metrics
+
+    console = console or Console()
+    run_dir = Path(run_dir)
+    for needed in ("config.toml", "metrics.jsonl"):
+        if not (run_dir / needed).exists():
+            raise ConfigError(f"report: {str(run_dir)!r} has no {needed}; give a run directory")
+    cfg = build_config(run_dir / "config.toml")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if not any(r["kind"] == "eval" for r in rows):
+        raise ConfigError(f"report: {str(run_dir / 'metrics.jsonl')!r} has no evaluation row yet")
+    old = run_dir / "summary.json"
+    # wall time is not in metrics.jsonl: keep the recorded one, else the sum of the logged work
+    wall = (json.loads(old.read_text())["wall_seconds"] if old.exists() else
+            sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in rows))
+    plot_accuracy(rows, run_dir / "plots" / "accuracy.png")
+    summary = build_summary(cfg, rows, wall, run_dir / "adapter")
+    write_json_atomic(old, summary)
+    console.print(_summary_table(summary))
+    console.print(f"wrote {old} and {run_dir / 'plots' / 'accuracy.png'}")
+    return summary
 
 
 def evaluate_saved(adapter: str | None, model: str | None, task_names: str | None, eval_size: int | None,

@@ -5,16 +5,18 @@ One round:
     1. sample clients (``fraction`` of them, seeded);
     2. each client loads the global adapter, runs ``local_steps`` of local GRPO on its own data
        with its own reward, and returns delta_k = theta_k - theta_t and its statistics;
-    3. the strategy turns the statistics into weights, the server applies the weighted update;
+    3. the strategy turns the statistics into weights; the server applies the weighted
+       pseudo-gradient sum_k w_k * delta_k with its optimizer (sgd, FedAdam or FedYogi);
     4. the global model is evaluated on every task's held-out split every ``eval_every`` rounds.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -52,40 +54,74 @@ class ClientUpdate:
 
 
 class Federation:
-    """The in-process runtime; ``run_round`` advances one round and returns its metric rows."""
+    """The in-process runtime; ``run_round`` advances one round and returns its metric rows.
+
+    Strategies that weight clients (fgrpo, fedavg, ...) train the sampled clients from the global
+    adapter and aggregate. Two references share the same client code: ``centralized`` trains one
+    pooled client (every client's prompts, each scored by its owner's verifier) for as many steps
+    per round as the sampled clients together; ``local-only`` keeps one adapter per client, never
+    aggregates, and evaluates each client on the tasks in its own data.
+    """
 
     def __init__(self, cfg: RunConfig, progress=None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         base, self.tokenizer = load_base(cfg.model, self.device, cfg.warm_start_steps, cfg.cache_dir,
                                          progress)
-        self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed)
-        self.clients = tasks.build_scenario(cfg.scenario, cfg.num_clients, cfg.train_size, cfg.seed,
-                                            cfg.task_list)
-        self.test_sets = {t: tasks.test_split(t, cfg.eval_size) for t in tasks.scenario_tasks(self.clients)}
+        self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed,
+                              freeze_a=cfg.lora_aggregation == "ffa")
+        self.notes: list[str] = []  # what the user should know about the data (skipped rows)
+        if cfg.scenario == "user-data":
+            from fgrpo import userdata
+
+            self.clients, self.test_sets, self.notes = userdata.build_clients(
+                _names(cfg.data), _names(cfg.rewards), cfg.prompt_column, cfg.answer_column, cfg.skip_bad_rows,
+                cfg.eval_size)
+        else:
+            self.clients = tasks.build_scenario(cfg.scenario, cfg.num_clients, cfg.train_size, cfg.seed,
+                                                cfg.task_list, cfg.dirichlet_alpha, cfg.local_steps)
+            self.test_sets = {t: tasks.test_split(t, cfg.eval_size)
+                              for t in tasks.scenario_tasks(self.clients, order=cfg.task_list)}
         self.global_adapter: Adapter = clone(get_peft_model_state_dict(self.model))
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.grpo = GRPOSettings(**{k: getattr(cfg, k) for k in GRPOSettings.__dataclass_fields__})
         self.fgrpo = aggregation.FGRPOSettings(
             **{k: getattr(cfg, k) for k in aggregation.FGRPOSettings.__dataclass_fields__})
-        self.strategy = aggregation.STRATEGIES[cfg.strategy]
+        self.server_optimizer = aggregation.ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_beta1,
+                                                            cfg.server_beta2, cfg.server_eps)
+        self.server_state = aggregation.ServerOptimizerState()
+        self.strategy = aggregation.STRATEGIES.get(cfg.strategy, aggregation.fedavg)
         self.client_baselines: dict[str, aggregation.ClientBaseline] = {}
+        self.local_adapters: dict[str, Adapter] = {}  # local-only: each client's own adapter
+        if cfg.strategy == "local-only":
+            self.local_adapters = {c.client_id: clone(self.global_adapter) for c in self.clients}
+        total_steps = sum(self.local_steps(c) for c in self.clients) * self.clients_per_round / len(self.clients)
+        self.pooled = tasks.pooled_client(self.clients, max(1, round(total_steps)))
+
+    def local_steps(self, client: tasks.ClientSpec) -> int:
+        return client.local_steps or self.cfg.local_steps
 
     # --- client side --------------------------------------------------------------------------
-    def train_client(self, client: tasks.ClientSpec, rnd: int) -> ClientUpdate:
-        """Local GRPO from the global adapter; returns the delta and statistics (DESIGN sec. 3)."""
-        set_peft_model_state_dict(self.model, self.global_adapter)
+    def train_client(self, client: tasks.ClientSpec, rnd: int, start: Adapter | None = None) -> ClientUpdate:
+        """Local GRPO from ``start`` (the global adapter by default); returns the delta and statistics
+        (DESIGN sec. 3)."""
+        start = self.global_adapter if start is None else start
+        set_peft_model_state_dict(self.model, start)
         self.optimizer.state.clear()  # clients are stateless between rounds
         seed = derived_seed(self.cfg.seed, rnd, client.client_id)
         torch.manual_seed(seed)  # rollout sampling
         batches = prompt_batches(client.train, self.cfg.prompts_per_step, seed)
-        start = time.perf_counter()
+        settings = replace(self.grpo, local_steps=self.local_steps(client))
+        t0 = time.perf_counter()
         result = local_grpo(self.model, self.tokenizer, self.optimizer, batches, client.reward,
-                            self.grpo, correctness_fn=tasks.correctness)
-        seconds = time.perf_counter() - start  # local training only: swapping counts as overhead
+                            settings, correctness_fn=tasks.correctness)
+        seconds = time.perf_counter() - t0  # local training only: swapping counts as overhead
+        if hasattr(client.reward, "take_failures"):  # user verifiers: failed samples scored 0, counted
+            failed, total = client.reward.take_failures()
+            result.metrics["reward_failures"] = failed / max(total, 1)
         local = get_peft_model_state_dict(self.model)
-        delta = {k: (local[k] - self.global_adapter[k]).detach().clone() for k in self.global_adapter}
+        delta = {k: (local[k] - start[k]).detach().clone() for k in start}
         stats = aggregation.ClientStats(client.client_id, result.num_prompts, result.reward_start,
                                         result.reward_end, result.reward_std, client.reward.range)
         return ClientUpdate(stats, delta, result.metrics, seconds)
@@ -97,20 +133,32 @@ class Federation:
 
     def sample_clients(self, rnd: int) -> list[tasks.ClientSpec]:
         """This round's participants; seeded per round, so no sampler state to checkpoint."""
+        if self.cfg.strategy == "centralized":
+            return [self.pooled]
         rng = random.Random(derived_seed(self.cfg.seed, "client-sampling", rnd))
         chosen = sorted(rng.sample(range(len(self.clients)), self.clients_per_round))
         return [self.clients[i] for i in chosen]
 
     def evaluate(self) -> dict[str, float]:
-        set_peft_model_state_dict(self.model, self.global_adapter)
-        return evaluate(self.model, self.tokenizer, self.test_sets, self.cfg.max_new_tokens)
+        """Greedy accuracy per task: of the global model, or (local-only) the mean over the clients
+        holding each task of that client's own model."""
+        if self.cfg.strategy != "local-only":
+            set_peft_model_state_dict(self.model, self.global_adapter)
+            return evaluate(self.model, self.tokenizer, self.test_sets, self.cfg.max_new_tokens)
+        per_task: dict[str, list[float]] = {t: [] for t in self.test_sets}
+        for client in self.clients:
+            set_peft_model_state_dict(self.model, self.local_adapters[client.client_id])
+            own = {t: self.test_sets[t] for t in tasks.scenario_tasks([client])}
+            for task, acc in evaluate(self.model, self.tokenizer, own, self.cfg.max_new_tokens).items():
+                per_task[task].append(acc)
+        return {t: sum(accs) / len(accs) for t, accs in per_task.items()}
 
     def eval_row(self, rnd: int) -> dict:
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         accuracy = self.evaluate()
         row = {"round": rnd, "kind": "eval", **summarize(accuracy)}
         row.update({f"accuracy/{task}": acc for task, acc in accuracy.items()})
-        row["eval_seconds"] = time.perf_counter() - start
+        row["eval_seconds"] = time.perf_counter() - t0
         return row
 
     def run_round(self, rnd: int, on_client_done=None) -> list[dict]:
@@ -118,13 +166,24 @@ class Federation:
         participants = self.sample_clients(rnd)
         updates = []
         for client in participants:
-            updates.append(self.train_client(client, rnd))
+            updates.append(self.train_client(client, rnd, self.local_adapters.get(client.client_id)))
             if on_client_done:
                 on_client_done(client)
         stats = [u.stats for u in updates]
         result = self.strategy(stats, self.client_baselines, self.fgrpo)
-        self.global_adapter = aggregation.apply_update(
-            self.global_adapter, [u.delta for u in updates], result.weights, self.cfg.server_lr)
+        if self.cfg.strategy == "local-only":
+            for client, u in zip(participants, updates):
+                own = self.local_adapters[client.client_id]
+                self.local_adapters[client.client_id] = {k: own[k] + u.delta[k] for k in own}
+            result.weights = [1.0] * len(updates)  # each client's update goes to its own model only
+            server = {}
+        else:
+            deltas = [u.delta for u in updates]
+            delta = aggregation.pseudo_gradient(deltas, result.weights)
+            server = {"pseudo_gradient_norm": update_norm(delta),
+                      "lora_product_error": aggregation.lora_product_error(self.global_adapter, deltas, result.weights)}
+            self.global_adapter, self.server_state = aggregation.server_step(
+                self.global_adapter, delta, self.server_optimizer, self.server_state)
         self.client_baselines = result.client_baselines
         rows = []
         for client, u, w, g in zip(participants, updates, result.weights, result.gains):
@@ -133,16 +192,57 @@ class Federation:
                 "round": rnd, "kind": "client", "client_id": client.client_id, "task": client.task,
                 "reward_scale": client.reward.name, **asdict(u.stats), "weight": w, "gain": g,
                 "baseline": state.baseline if state else None, **u.metrics,
-                "train_seconds": u.seconds,
+                "update_norm": update_norm(u.delta), "train_seconds": u.seconds,
             })
+        if server:
+            rows.append({"round": rnd, "kind": "server", **server})
         if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds:
             rows.append(self.eval_row(rnd))
         return rows
 
+    # --- state ----------------------------------------------------------------------------------
+    def server_state_dict(self) -> tuple[Adapter, dict]:
+        """Everything a resume needs besides the config: (tensors, JSON-able state)."""
+        tensors = {f"global/{k}": v for k, v in self.global_adapter.items()}
+        for moment in ("m", "v"):
+            for k, v in (getattr(self.server_state, moment) or {}).items():
+                tensors[f"server_{moment}/{k}"] = v
+        for client_id, adapter in self.local_adapters.items():
+            tensors.update({f"local/{client_id}/{k}": v for k, v in adapter.items()})
+        state = {"client_baselines": {k: asdict(v) for k, v in self.client_baselines.items()},
+                 "server_step": self.server_state.step}
+        return tensors, state
+
+    def load_server_state(self, tensors: Adapter, state: dict) -> None:
+        def part(prefix: str) -> Adapter:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.global_adapter = part("global/")
+        self.server_state = aggregation.ServerOptimizerState(
+            state["server_step"], part("server_m/") or None, part("server_v/") or None)
+        if self.local_adapters:
+            self.local_adapters = {c: part(f"local/{c}/") for c in self.local_adapters}
+        self.client_baselines = {k: aggregation.ClientBaseline(**v) for k, v in state["client_baselines"].items()}
+
     def save_adapter(self, path) -> None:
-        """The global adapter, loadable with ``PeftModel.from_pretrained(base, path)``."""
+        """The global adapter, loadable with ``PeftModel.from_pretrained(base, path)``; local-only
+        runs save each client's adapter in ``path/<client_id>``."""
+        if self.cfg.strategy == "local-only":
+            for client_id, adapter in self.local_adapters.items():
+                set_peft_model_state_dict(self.model, adapter)
+                self.model.save_pretrained(f"{path}/{client_id}")
+            return
         set_peft_model_state_dict(self.model, self.global_adapter)
         self.model.save_pretrained(path)
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def update_norm(delta: Adapter) -> float:
+    """||delta_k||_2 over all adapter tensors."""
+    return math.sqrt(sum(float((d.float() ** 2).sum()) for d in delta.values()))
 
 
 def clone(adapter: Adapter) -> Adapter:

@@ -14,13 +14,17 @@ with other seeds and never contain a test prompt.
 from __future__ import annotations
 
 import difflib
+import random
 import zlib
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
 import reasoning_gym
+
+from fgrpo.config import SCENARIOS
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,27 @@ TASKS: dict[str, TaskFamily] = {
 }
 DEFAULT_TASKS = ("spell_backward", "number_sorting", "letter_counting")
 
+# Difficulty levels for ``difficulty-skew``: the same family with a harder reasoning-gym config.
+# A level is a task of its own, named ``family@level`` (``spell_backward@3``), with its own test split.
+DIFFICULTY_LEVELS: dict[str, list[dict[str, Any]]] = {
+    "spell_backward": [{"min_word_len": 3, "max_word_len": 4}, {"min_word_len": 5, "max_word_len": 6},
+                       {"min_word_len": 7, "max_word_len": 8}],
+    "number_sorting": [{"min_numbers": 2, "max_numbers": 2}, {"min_numbers": 3, "max_numbers": 3},
+                       {"min_numbers": 4, "max_numbers": 4}],
+    "letter_counting": [{"min_words": 1, "max_words": 1}, {"min_words": 2, "max_words": 3},
+                        {"min_words": 4, "max_words": 4}],
+}
+for _family, _levels in DIFFICULTY_LEVELS.items():
+    for _level, _overrides in enumerate(_levels, start=1):
+        _base = TASKS[_family]
+        TASKS[f"{_family}@{_level}"] = replace(_base, name=f"{_family}@{_level}",
+                                               rg_config={**_base.rg_config, **_overrides})
+
+
+def family_of(task: str) -> str:
+    """The reasoning-gym family of a task name (``spell_backward@3`` -> ``spell_backward``)."""
+    return task.split("@")[0]
+
 
 def derived_seed(*parts: object) -> int:
     """A stable 31-bit seed from any parts (same on every machine and Python run)."""
@@ -87,11 +112,22 @@ def derived_seed(*parts: object) -> int:
 @cache
 def _scorer(task: str):
     """A reasoning-gym dataset instance whose ``score_answer`` scores this task."""
-    return reasoning_gym.create_dataset(task, seed=0, size=1, **TASKS[task].rg_config)
+    return reasoning_gym.create_dataset(family_of(task), seed=0, size=1, **TASKS[task].rg_config)
+
+
+_USER_VERIFIERS: dict[str, Callable[[Example, str], float]] = {}
+
+
+def register_verifier(task: str, verifier: Callable[[Example, str], float]) -> None:
+    """Make ``correctness`` score a user data owner's task with its own verifier."""
+    _USER_VERIFIERS[task] = verifier
 
 
 def correctness(example: Example, completion: str) -> float:
-    """reasoning-gym's score in [0, 1] for a completion (1.0 = correct)."""
+    """Score in [0, 1] for a completion (1.0 = correct): reasoning-gym's scorer, or a user task's
+    registered verifier."""
+    if example.task in _USER_VERIFIERS:
+        return _USER_VERIFIERS[example.task](example, completion)
     answer = TASKS[example.task].to_rg_answer(completion)
     return float(_scorer(example.task).score_answer(answer, example.entry))
 
@@ -106,7 +142,7 @@ def generate_examples(task: str, n: int, seed: int, exclude: frozenset[str] = fr
     attempt = 0
     while len(out) < n:
         size = max(64, 2 * (n - len(out)))
-        dataset = reasoning_gym.create_dataset(task, seed=derived_seed(seed, attempt), size=size,
+        dataset = reasoning_gym.create_dataset(family_of(task), seed=derived_seed(seed, attempt), size=size,
                                                **family.rg_config)
         for entry in dataset:
             prompt = family.render_prompt(entry)
@@ -145,6 +181,9 @@ def train_split(task: str, size: int, seed: int, salt: str = "train") -> list[Ex
 
 # --- rewards: each client's verifier on its own scale ------------------------------------------
 
+RewardFn = Callable[[Example, str], float]
+
+
 @dataclass(frozen=True)
 class RewardScale:
     """How a client turns correctness into its reward; ``range`` = max reward - min reward."""
@@ -172,34 +211,111 @@ REWARD_SCALES = {s.name: s for s in [RewardScale("x1", 1.0), RewardScale("x10", 
 @dataclass
 class ClientSpec:
     client_id: str
-    task: str
-    reward: RewardScale
+    task: str  # the client's task, or a short description of its mixture of tasks
+    reward: RewardFn
     train: list[Example]
+    local_steps: int | None = None  # None: the run's local_steps (quantity-skew scales it)
 
 
 def build_scenario(name: str, num_clients: int, train_size: int, seed: int,
-                   tasks: tuple[str, ...] = DEFAULT_TASKS) -> list[ClientSpec]:
-    """Clients of a named scenario.
+                   tasks: tuple[str, ...] = DEFAULT_TASKS, dirichlet_alpha: float = 0.5,
+                   local_steps: int = 10) -> list[ClientSpec]:
+    """Clients of a named scenario (DESIGN section 5).
 
     - ``task-skew``: client k holds task ``tasks[k % len(tasks)]``, reward = correctness.
     - ``scale-skew``: task-skew, and client k's verifier emits rewards on its own scale,
       cycling through x1, x10, partial credit in [0, 1], and -1/+1.
+    - ``difficulty-skew``: one family (``tasks[0]``); client k holds difficulty level
+      ``k % 3 + 1`` of it (``spell_backward@1`` .. ``@3``), reward = correctness.
+    - ``dirichlet``: a pool of ``num_clients * train_size`` prompts, equal parts of every task,
+      split by flwr-datasets' DirichletPartitioner: client mixtures of tasks ~ Dir(alpha).
+    - ``quantity-skew``: an IID pool split by flwr-datasets' SizePartitioner into sizes falling
+      geometrically from ``train_size`` to ``train_size / 10``; a client's local steps per round
+      scale with its size (as epochs over its data would), so n_k differs 10x too.
     """
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
+    if name in ("dirichlet", "quantity-skew"):
+        return _pooled_scenario(name, num_clients, train_size, seed, tasks, dirichlet_alpha, local_steps)
     scales = list(REWARD_SCALES.values())
     clients = []
     for k in range(num_clients):
-        task = tasks[k % len(tasks)]
-        if name == "task-skew":
-            reward = REWARD_SCALES["x1"]
-        elif name == "scale-skew":
-            reward = scales[k % len(scales)]
+        if name == "difficulty-skew":
+            levels = DIFFICULTY_LEVELS.get(family_of(tasks[0]))
+            if levels is None:
+                raise ValueError(f"difficulty-skew: task {tasks[0]!r} has no difficulty levels; "
+                                 f"choose one of {', '.join(DIFFICULTY_LEVELS)}")
+            task = f"{family_of(tasks[0])}@{k % len(levels) + 1}"
         else:
-            raise ValueError(f"unknown scenario {name!r}")
+            task = tasks[k % len(tasks)]
+        reward = scales[k % len(scales)] if name == "scale-skew" else REWARD_SCALES["x1"]
         train = train_split(task, train_size, seed=seed, salt=f"client{k}")
         clients.append(ClientSpec(f"client-{k}", task, reward, train))
     return clients
 
 
-def scenario_tasks(clients: list[ClientSpec]) -> list[str]:
-    """The tasks a federation is evaluated on (each distinct client task, in order)."""
-    return list(dict.fromkeys(c.task for c in clients))
+def _pooled_scenario(name: str, num_clients: int, train_size: int, seed: int, tasks: tuple[str, ...],
+                     alpha: float, local_steps: int) -> list[ClientSpec]:
+    """Split one pool of prompts (every task in equal parts) with a flwr-datasets partitioner."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, SizePartitioner
+
+    if name == "dirichlet":
+        sizes = None
+        pool_size = num_clients * train_size
+    else:
+        ratio = 10.0 ** (-1 / max(num_clients - 1, 1))  # largest / smallest = 10
+        sizes = [max(1, round(train_size * ratio**k)) for k in range(num_clients)]
+        pool_size = sum(sizes)
+    per_task = -(-pool_size // len(tasks))
+    pool = [e for t in tasks for e in train_split(t, per_task, seed=seed, salt="pool")]
+    rng = random.Random(derived_seed("pool-order", seed))
+    rng.shuffle(pool)
+    pool = pool[:pool_size]
+    table = Dataset.from_dict({"index": list(range(len(pool))), "task": [e.task for e in pool]})
+    if sizes is None:
+        partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by="task", alpha=alpha,
+                                           min_partition_size=max(1, train_size // 20), seed=seed)
+    else:
+        partitioner = SizePartitioner(partition_sizes=sizes)
+    partitioner.dataset = table
+    clients = []
+    for k in range(num_clients):
+        train = [pool[i] for i in partitioner.load_partition(k)["index"]]
+        steps = None if sizes is None else max(1, round(local_steps * sizes[k] / sizes[0]))
+        clients.append(ClientSpec(f"client-{k}", describe_mixture(train), REWARD_SCALES["x1"], train, steps))
+    return clients
+
+
+def describe_mixture(examples: list[Example]) -> str:
+    """``spell_backward 70% + number_sorting 30%``, or the task name alone for one task."""
+    counts = Counter(e.task for e in examples)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return " + ".join(f"{t} {100 * n / len(examples):.0f}%" for t, n in counts.most_common())
+
+
+class RoutedReward:
+    """Each example scored by the verifier of the client it came from (for pooled training)."""
+
+    def __init__(self, clients: list[ClientSpec]):
+        self._owner = {id(e): c.reward for c in clients for e in c.train}
+        self.name = "per-owner"
+        self.range = max(c.reward.range for c in clients)
+
+    def __call__(self, example: Example, completion: str) -> float:
+        return self._owner[id(example)](example, completion)
+
+
+def pooled_client(clients: list[ClientSpec], local_steps: int) -> ClientSpec:
+    """The ``centralized`` reference: every client's prompts in one place, each scored by its owner's
+    verifier, trained for ``local_steps`` steps per round (the federated round's total)."""
+    train = [e for c in clients for e in c.train]
+    return ClientSpec("pooled", describe_mixture(train), RoutedReward(clients), train, local_steps)
+
+
+def scenario_tasks(clients: list[ClientSpec], order: tuple[str, ...] = ()) -> list[str]:
+    """The tasks in the clients' data: those named in ``order`` first, in that order, then the rest
+    in order of appearance."""
+    present = dict.fromkeys(e.task for c in clients for e in c.train)
+    return [t for t in order if t in present] + [t for t in present if t not in order]

@@ -1,0 +1,310 @@
+"""``fgrpo compare``: strategies x scenarios x seeds into one results directory.
+
+    OUT/runs/<scenario>/<strategy>/seed-<s>-<config hash>/   one ordinary run directory per run
+    OUT/table.csv, OUT/table.md                                 one row per scenario x strategy
+    OUT/plots/accuracy-<scenario>.png                           macro accuracy vs round, mean and seed band
+    OUT/plots/weights-<scenario>.png                            aggregation weights per client per round
+
+A run whose directory already holds summary.json is reused; one with checkpoints but no summary is
+resumed; so an interrupted comparison continues where it stopped. The directory name carries a
+hash of the run's whole config, so a changed setting never reuses a stale run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import statistics
+import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fgrpo.config import STRATEGIES, ConfigError, RunConfig, build_config
+from fgrpo.rundir import read_metrics
+
+# Named strategies of a comparison: a weighting (RunConfig.strategy) plus optional modifiers.
+FEDPROX_MU = 1.0  # FedProx weight of the `fedprox` recipes: its gradient mu * (theta - theta_t) is then of
+# the order of the clipped GRPO gradient per coordinate at the end of a round on the embedded default
+SERVER_ADAPTIVE_LR = 0.003  # server step of the `fedadam` / `fedyogi` recipes: about the RMS of one
+# client delta coordinate on the embedded default (||delta|| ~ 1.0 over 164k LoRA values), so the first
+# adaptive step is as large as an sgd step
+MODIFIERS: dict[str, dict[str, Any]] = {
+    "fedprox": {"proximal_mu": FEDPROX_MU},
+    "fedadam": {"server_optimizer": "adam", "server_lr": SERVER_ADAPTIVE_LR},
+    "fedyogi": {"server_optimizer": "yogi", "server_lr": SERVER_ADAPTIVE_LR},
+}
+LAST_ROUNDS = 3  # "spread over the last rounds": std of macro accuracy over the last 3 evaluations
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """Config overrides of a named strategy: ``fgrpo``, ``fedprox`` (= fedavg + proximal term),
+    ``fedadam``, ``fgrpo+fedadam``, ``fgrpo+fedprox+fedyogi``, ..., optionally followed by
+    ``[key=value,...]`` config settings (``fgrpo[tau=0.3,gain_form=ratio]``)."""
+    settings: dict[str, Any] = {}
+    if name.endswith("]") and "[" in name:
+        name, inner = name[:-1].split("[", 1)
+        for item in filter(None, (i.strip() for i in inner.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"strategies: {item!r} in {name}[...] is not key=value")
+            settings[key.strip()] = value.strip()
+    parts = name.split("+")
+    base = parts[0] if parts[0] in STRATEGIES else "fedavg"
+    mods = parts[1:] if parts[0] in STRATEGIES else parts
+    out: dict[str, Any] = {"strategy": base}
+    for mod in mods:
+        if mod not in MODIFIERS:
+            valid = ", ".join([*STRATEGIES, *MODIFIERS])
+            raise ConfigError(f"strategies: {name!r} is not known; use one of {valid}, or weighting+modifier "
+                              f"such as fgrpo+fedadam")
+        out.update(MODIFIERS[mod])
+    return {**out, **settings}
+
+
+@dataclass
+class Plan:
+    strategies: list[str]
+    scenarios: list[str]
+    seeds: list[int]
+    target: float = 0.8  # macro accuracy for "rounds to target"
+    run: dict[str, Any] = field(default_factory=dict)  # config overrides shared by every run
+
+
+def load_preset(name_or_path: str) -> Plan:
+    """A preset TOML (a packaged name such as ``main`` or a file): a [compare] table with
+    strategies, scenarios, seeds and target, and a [run] table of config keys."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.exists():
+        text, source = path.read_text(), str(path)
+    else:
+        packaged = resources.files("fgrpo") / "presets" / f"{name_or_path}.toml"
+        if not packaged.is_file():
+            known = sorted(p.name[:-5] for p in (resources.files("fgrpo") / "presets").iterdir()
+                           if p.name.endswith(".toml"))
+            raise ConfigError(f"preset {name_or_path!r}: no such file or packaged preset; packaged: {', '.join(known)}")
+        text, source = packaged.read_text(), f"preset {name_or_path}"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source} is not valid TOML: {err}") from None
+    spec = data.get("compare", {})
+    missing = [k for k in ("strategies", "scenarios", "seeds") if k not in spec]
+    if missing:
+        raise ConfigError(f"{source}: [compare] lacks {', '.join(missing)}")
+    return Plan(list(spec["strategies"]), list(spec["scenarios"]), [int(s) for s in spec["seeds"]],
+                float(spec.get("target", 0.8)), dict(data.get("run", {})))
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Hash of everything that changes a run's result (not where it is written or cached)."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "cache_dir")}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def plan_runs(plan: Plan, out: Path) -> list[tuple[str, RunConfig]]:
+    """(strategy name, validated config with its run directory) for every run of the plan."""
+    runs = []
+    for scenario in plan.scenarios:
+        for strategy in plan.strategies:
+            for seed in plan.seeds:
+                cfg = build_config(overrides={**plan.run, **recipe(strategy), "scenario": scenario, "seed": seed})
+                run_dir = out / "runs" / scenario / strategy / f"seed-{seed}-{config_hash(cfg)}"
+                runs.append((strategy, replace(cfg, out=str(run_dir))))
+    return runs
+
+
+def _run_one(cfg: RunConfig, threads: int) -> dict:
+    """One run in a worker process, its terminal output in RUN_DIR/log.txt; reused or resumed if found."""
+    import torch
+
+    from fgrpo.checkpoint import latest_checkpoint
+    from fgrpo.runner import run_experiment
+
+    torch.set_num_threads(threads)
+    run_dir = Path(cfg.out)
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "log.txt", "a") as log:
+        console = Console(file=log, width=120)
+        return run_experiment(cfg, console, resume=latest_checkpoint(run_dir) is not None)
+
+
+def run_comparison(plan: Plan, out: Path, jobs: int = 1, console: Console | None = None) -> list[dict]:
+    """Run (or reuse) every run of the plan, then write the tables and plots; returns the table rows."""
+    console = console or Console(stderr=True)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan_runs(plan, out)
+    (out / "plan.json").write_text(json.dumps({**plan.__dict__, "runs": [c.out for _, c in runs]}, indent=1))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    failures: list[str] = []
+    done = sum((Path(c.out) / "summary.json").exists() for _, c in runs)
+    console.print(f"[bold]fgrpo compare[/bold]: {len(plan.strategies)} strategies x {len(plan.scenarios)} "
+                  f"scenarios x {len(plan.seeds)} seeds = {len(runs)} runs ({done} already done) -> {out}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        bar = progress.add_task("runs", total=len(runs), completed=0)
+        if jobs == 1:
+            for name, cfg in runs:
+                _collect(name, cfg, lambda c=cfg: _run_one(c, threads), failures, console)
+                progress.advance(bar)
+        else:
+            import multiprocessing
+
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(_run_one, cfg, threads): (name, cfg) for name, cfg in runs}
+                for future in as_completed(futures):
+                    name, cfg = futures[future]
+                    _collect(name, cfg, future.result, failures, console)
+                    progress.advance(bar)
+    rows = summarize_runs(plan, runs)
+    write_tables(rows, out)
+    for scenario in plan.scenarios:
+        plot_scenario(plan, runs, scenario, out / "plots")
+    console.print(f"table: {out / 'table.md'}")
+    if failures:
+        console.print(f"[red]{len(failures)} run(s) failed[/red]: " + "; ".join(failures))
+    return rows
+
+
+def _collect(name: str, cfg: RunConfig, result, failures: list[str], console: Console) -> None:
+    try:
+        summary = result()
+        console.print(f"{cfg.scenario:16s} {name:22s} seed {cfg.seed}: macro "
+                      f"{summary['initial_macro_accuracy']:.3f} -> {summary['final_macro_accuracy']:.3f} "
+                      f"({summary['wall_seconds']:.0f} s)")
+    except Exception as err:  # one failed run must not cost the others; it is listed at the end
+        failures.append(f"{cfg.out}: {type(err).__name__}: {err}")
+        console.print(f"[red]{cfg.scenario} {name} seed {cfg.seed} failed[/red]: {err}")
+
+
+def _evals(run_dir: str) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [r for r in read_metrics(path) if r["kind"] == "eval"] if path.exists() else []
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
+    """One row per scenario x strategy, over the seeds whose run finished."""
+    rows = []
+    for scenario in plan.scenarios:
+        for strategy in plan.strategies:
+            finals, worst, to_target, spreads, seconds = [], [], [], [], []
+            for name, cfg in runs:
+                summary_path = Path(cfg.out) / "summary.json"
+                if name != strategy or cfg.scenario != scenario or not summary_path.exists():
+                    continue
+                summary = json.loads(summary_path.read_text())
+                evals = _evals(cfg.out)
+                finals.append(summary["final_macro_accuracy"])
+                worst.append(summary["final_worst_task_accuracy"])
+                reached = [e["round"] for e in evals if e["macro_accuracy"] >= plan.target]
+                to_target.append(reached[0] if reached else None)
+                tail = [e["macro_accuracy"] for e in evals[-LAST_ROUNDS:]]
+                spreads.append(statistics.pstdev(tail) if len(tail) > 1 else 0.0)
+                seconds.append(summary["wall_seconds"])
+            mean, std = _mean_std(finals)
+            hit = [r for r in to_target if r is not None]
+            rows.append({
+                "scenario": scenario, "strategy": strategy, "seeds": len(finals),
+                "final_macro_mean": mean, "final_macro_std": std,
+                "worst_task_mean": _mean_std(worst)[0],
+                "rounds_to_target_mean": statistics.fmean(hit) if hit else math.nan,
+                "seeds_reaching_target": len(hit),
+                "last_rounds_spread_mean": _mean_std(spreads)[0],
+                "wall_seconds_mean": _mean_std(seconds)[0],
+            })
+    return rows
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    """table.csv (every field, full precision) and table.md (one table per scenario)."""
+    with open(out / "table.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = []
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        lines += [f"### {scenario}", "",
+                  "| strategy | final macro accuracy (mean ± std) | worst task | rounds to target "
+                  "(seeds reaching it) | spread, last rounds | seeds |",
+                  "|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["scenario"] == scenario):
+            target = ("-" if math.isnan(r["rounds_to_target_mean"]) else f"{r['rounds_to_target_mean']:.1f}")
+            lines.append(f"| {r['strategy']} | {r['final_macro_mean']:.3f} ± {r['final_macro_std']:.3f} | "
+                         f"{r['worst_task_mean']:.3f} | {target} ({r['seeds_reaching_target']}/{r['seeds']}) | "
+                         f"{r['last_rounds_spread_mean']:.3f} | {r['seeds']} |")
+        lines.append("")
+    (out / "table.md").write_text("\n".join(lines))
+
+
+def plot_scenario(plan: Plan, runs: list[tuple[str, RunConfig]], scenario: str, plots: Path) -> None:
+    """Macro accuracy vs round (mean over seeds, band = min..max over seeds) per strategy, and the
+    aggregation weights per client per round (first seed) of every strategy whose weights vary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    weight_runs = []
+    for strategy in plan.strategies:
+        curves = [_evals(c.out) for n, c in runs if n == strategy and c.scenario == scenario]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        rounds = [e["round"] for e in curves[0][:n]]
+        values = [[c[i]["macro_accuracy"] for c in curves] for i in range(n)]
+        line, = ax.plot(rounds, [statistics.fmean(v) for v in values], marker=".", label=strategy)
+        ax.fill_between(rounds, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
+                        alpha=0.15)
+        first = next(c for n_, c in runs if n_ == strategy and c.scenario == scenario)
+        if first.strategy not in ("fedavg", "uniform", "centralized", "local-only"):
+            weight_runs.append((strategy, first.out))
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out macro accuracy (greedy)")
+    ax.set_title(f"{scenario}: mean over seeds, band = min..max")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plots / f"accuracy-{scenario}.png", dpi=120)
+    plt.close(fig)
+    weight_runs = [(s, d) for s, d in weight_runs if (Path(d) / "metrics.jsonl").exists()]
+    if not weight_runs:
+        return
+    fig, axes = plt.subplots(1, len(weight_runs), figsize=(4.2 * len(weight_runs), 3.6), squeeze=False)
+    for ax, (strategy, run_dir) in zip(axes[0], weight_runs):
+        clients: dict[str, list[tuple[int, float]]] = {}
+        for r in read_metrics(Path(run_dir) / "metrics.jsonl"):
+            if r["kind"] == "client":
+                clients.setdefault(f"{r['client_id']} ({r['task'][:18]}, {r['reward_scale']})", []).append(
+                    (r["round"], r["weight"]))
+        for label, points in clients.items():
+            ax.plot(*zip(*points), marker=".", label=label)
+        ax.set_title(f"{strategy} (seed {plan.seeds[0]})", fontsize=10)
+        ax.set_xlabel("round")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("aggregation weight w_k")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{scenario}: aggregation weights per client")
+    fig.tight_layout()
+    fig.savefig(plots / f"weights-{scenario}.png", dpi=120)
+    plt.close(fig)

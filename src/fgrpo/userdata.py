@@ -1,0 +1,265 @@
+"""A data owner's own prompts and verifier: JSONL, Parquet or a Hugging Face dataset, and a reward
+chosen by name.
+
+Sources (``data`` option, one per client): ``*.jsonl`` (one JSON object per line), ``*.parquet``,
+a local folder (written by ``save_to_disk``, or any folder ``datasets.load_dataset`` reads), or a
+hub dataset name (split ``train``).
+Every row needs a non-empty string prompt and a string (or number) answer in the configured
+columns. A malformed row is an error that names the file, the line (JSONL) or row (1-based), and
+the field; with ``skip_bad_rows`` it is skipped and counted instead.
+
+Rewards (``rewards`` option, one per source or one for all), each a verifier with 1.0 = correct:
+    exact          normalized string match (case, surrounding space, inner runs of space)
+    math           math-verify: the completion's final expression equals the answer's
+    rg:<dataset>   reasoning-gym's scorer of that dataset on {"answer": answer}
+    module:func    your function func(prompt, completion, answer) -> float
+A reward that raises or returns a non-finite value scores that sample 0 and is counted
+(``reward_failures``); it never stops the client.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fgrpo.config import ConfigError
+from fgrpo.tasks import TASKS, ClientSpec, Example, derived_seed, register_verifier
+
+HOLDOUT_FRACTION = 0.2  # at most this share of a source is held out for evaluation
+
+
+class DataError(ConfigError):
+    """A malformed data source or row; the message names the file, the line or row, and the field."""
+
+
+@dataclass
+class LoadedRows:
+    rows: list[dict[str, str]]  # {"prompt", "answer"} per good row
+    skipped: int = 0
+    first_errors: list[str] = field(default_factory=list)
+
+
+def load_rows(source: str, prompt_column: str = "prompt", answer_column: str = "answer",
+              skip_bad_rows: bool = False) -> LoadedRows:
+    """The (prompt, answer) rows of a source, checked row by row."""
+    path = Path(source)
+    out = LoadedRows([])
+
+    def check(where: str, row: Any) -> None:
+        try:
+            out.rows.append(_check_row(row, prompt_column, answer_column))
+        except ValueError as err:
+            message = f"{where}: {err}"
+            if not skip_bad_rows:
+                raise DataError(message + " (set skip_bad_rows = true to skip such rows)") from None
+            out.skipped += 1
+            if len(out.first_errors) < 3:
+                out.first_errors.append(message)
+
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise DataError(f"data: {source!r} does not exist")
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    row = ValueError(f"invalid JSON ({err.msg}, column {err.colno})")
+                check(f"{source}:{lineno}", row)
+    else:
+        for index, row in enumerate(_table_rows(source, path, prompt_column, answer_column), start=1):
+            check(f"{source}: row {index}", row)
+    if not out.rows:
+        raise DataError(f"data: {source!r} has no usable rows" + (f" ({out.skipped} skipped)" if out.skipped else ""))
+    return out
+
+
+def _table_rows(source: str, path: Path, prompt_column: str, answer_column: str) -> list[dict]:
+    """Rows of a Parquet file or a Hugging Face dataset (local folder or hub name)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        if not path.is_file():
+            raise DataError(f"data: {source!r} does not exist")
+        table = pq.read_table(path)
+        columns, rows = table.column_names, table.to_pylist()
+    else:
+        import datasets
+
+        try:
+            if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+                dataset = datasets.load_from_disk(str(path))  # a folder written by save_to_disk
+                dataset = dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset
+            else:
+                dataset = datasets.load_dataset(source, split="train")
+        except Exception as err:  # folder without data, unknown hub name, no network, ...
+            raise DataError(f"data: cannot load {source!r} as a JSONL file, a Parquet file or a Hugging Face "
+                            f"dataset ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        columns, rows = dataset.column_names, list(dataset)
+    for column in (prompt_column, answer_column):
+        if column not in columns:
+            raise DataError(f"data: {source!r} has no column {column!r}; its columns are: {', '.join(columns)} "
+                            "(choose with prompt_column / answer_column)")
+    return rows
+
+
+def _check_row(row: Any, prompt_column: str, answer_column: str) -> dict[str, str]:
+    if isinstance(row, ValueError):
+        raise row
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object with fields {prompt_column!r} and {answer_column!r}, "
+                         f"got {type(row).__name__}")
+    for column in (prompt_column, answer_column):
+        if column not in row:
+            raise ValueError(f"missing field {column!r}")
+    prompt, answer = row[prompt_column], row[answer_column]
+    if not isinstance(prompt, str):
+        raise ValueError(f"field {prompt_column!r} has type {type(prompt).__name__}; expected a string")
+    if not prompt.strip():
+        raise ValueError(f"field {prompt_column!r} is empty")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f"field {answer_column!r} has type {type(answer).__name__}; expected a string or a number")
+    if not str(answer).strip():
+        raise ValueError(f"field {answer_column!r} is empty")
+    return {"prompt": prompt, "answer": str(answer)}
+
+
+# --- verifiers -----------------------------------------------------------------------------------
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def exact_match(prompt: str, completion: str, answer: str) -> float:
+    return float(normalize(completion) == normalize(answer))
+
+
+def math_match(prompt: str, completion: str, answer: str) -> float:
+    from math_verify import parse, verify
+
+    return float(verify(parse(answer), parse(completion)))
+
+
+def resolve_reward(name: str):
+    """A verifier ``f(prompt, completion, answer) -> float`` from its name (see module docstring)."""
+    if name == "exact":
+        return exact_match
+    if name == "math":
+        return math_match
+    if name.startswith("rg:"):
+        import reasoning_gym
+
+        try:
+            scorer = reasoning_gym.create_dataset(name[3:], seed=0, size=1)
+        except Exception as err:
+            raise ConfigError(f"rewards: {name!r}: reasoning-gym has no dataset {name[3:]!r} ({err})") from None
+        return lambda prompt, completion, answer: float(
+            scorer.score_answer(completion.strip(), {"answer": answer, "metadata": {}}))
+    if ":" in name:
+        module_name, func_name = name.split(":", 1)
+        try:
+            func = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"rewards: {name!r} cannot be imported ({err}); give module:function on the "
+                              "Python path") from None
+        if not callable(func):
+            raise ConfigError(f"rewards: {name!r} is not callable")
+        return func
+    raise ConfigError(f"rewards: {name!r} is not known; use exact, math, rg:<dataset> or module:function")
+
+
+class SafeReward:
+    """A client's reward: its verifier on (prompt, completion, answer); a sample whose verifier
+    raises or returns a non-finite value gets 0, counted in ``failures``."""
+
+    range = 1.0
+
+    def __init__(self, name: str, verifier):
+        self.name = name
+        self.verifier = verifier
+        self.failures = 0
+        self.calls = 0
+        self.last_error = ""
+
+    def __call__(self, example: Example, completion: str) -> float:
+        self.calls += 1
+        value, error = safe_score(self.verifier, example, completion)
+        if error:
+            self.failures += 1
+            self.last_error = error
+        return value
+
+    def take_failures(self) -> tuple[int, int]:
+        """(failed samples, all samples) since the last call."""
+        out = (self.failures, self.calls)
+        self.failures = self.calls = 0
+        return out
+
+
+@dataclass
+class OwnerData:
+    name: str  # the task name this owner's prompts are evaluated under (the file's stem)
+    train: list[Example]
+    test: list[Example]
+    reward: SafeReward
+    skipped: int
+    first_errors: list[str]
+
+
+def load_owner(source: str, reward_name: str, prompt_column: str, answer_column: str, skip_bad_rows: bool,
+               eval_size: int) -> OwnerData:
+    """One data owner: its rows split into train and a held-out test set (a fixed shuffle, so the
+    same rows are held out in every run), and its reward."""
+    loaded = load_rows(source, prompt_column, answer_column, skip_bad_rows)
+    name = Path(source.rstrip("/")).stem or source
+    if name in TASKS:
+        raise ConfigError(f"data: {source!r} is named like the built-in task {name!r}; rename the file")
+    verifier = resolve_reward(reward_name)
+    reward = SafeReward(reward_name, verifier)
+    register_verifier(name, lambda example, completion: safe_score(verifier, example, completion)[0])
+    examples = [Example(name, r["prompt"], r["answer"], {"answer": r["answer"]}) for r in loaded.rows]
+    order = list(range(len(examples)))
+    random.Random(derived_seed("holdout", name)).shuffle(order)
+    held = min(eval_size, int(len(examples) * HOLDOUT_FRACTION))
+    if held < 1 or held == len(examples):
+        raise DataError(f"data: {source!r} has {len(examples)} usable rows; at least 5 are needed to hold out "
+                        "a test split")
+    test = [examples[i] for i in order[:held]]
+    train = [examples[i] for i in order[held:]]
+    return OwnerData(name, train, test, reward, loaded.skipped, loaded.first_errors)
+
+
+def safe_score(verifier, example: Example, completion: str) -> tuple[float, str | None]:
+    """(score, None), or (0.0, what went wrong) when the verifier raises or returns a non-finite value."""
+    try:
+        value = float(verifier(example.prompt, completion, example.answer))
+    except Exception as err:  # a user's verifier must not stop training
+        return 0.0, f"{type(err).__name__}: {err}"
+    if not math.isfinite(value):
+        return 0.0, f"non-finite value {value}"
+    return value, None
+
+
+def build_clients(sources: list[str], rewards: list[str], prompt_column: str, answer_column: str,
+                  skip_bad_rows: bool, eval_size: int) -> tuple[list[ClientSpec], dict[str, list[Example]], list[str]]:
+    """One client per source (its id is the source's name): (clients, test sets, notes on skipped rows)."""
+    if len(rewards) not in (1, len(sources)):
+        raise ConfigError(f"rewards: {len(rewards)} names for {len(sources)} data sources; give one for all "
+                          "or one per source")
+    owners = [load_owner(src, rewards[k % len(rewards)], prompt_column, answer_column, skip_bad_rows, eval_size)
+              for k, src in enumerate(sources)]
+    names = [o.name for o in owners]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"data: two sources are named {name!r}; each owner's file needs its own name")
+    notes = [f"{o.name}: skipped {o.skipped} bad row(s), e.g. {o.first_errors[0]}" for o in owners if o.skipped]
+    clients = [ClientSpec(o.name, o.name, o.reward, o.train) for o in owners]
+    return clients, {o.name: o.test for o in owners}, notes

@@ -1,0 +1,86 @@
+"""fgrpo compare: the table has the right shape, its numbers come from the run directories, and an
+interrupted comparison continues without redoing finished runs."""
+
+import csv
+import json
+import statistics
+
+import pytest
+
+from fgrpo.cli import main
+from fgrpo.compare import Plan, plan_runs, recipe, summarize_runs
+from fgrpo.config import ConfigError
+
+
+def test_recipes_compose_weighting_and_modifiers():
+    assert recipe("fgrpo") == {"strategy": "fgrpo"}
+    assert recipe("fedprox")["strategy"] == "fedavg" and recipe("fedprox")["proximal_mu"] > 0
+    both = recipe("fgrpo+fedadam")
+    assert both["strategy"] == "fgrpo" and both["server_optimizer"] == "adam"
+    assert recipe("fedyogi")["server_optimizer"] == "yogi"
+    assert recipe("fgrpo[tau=0.3, gain_form=ratio]") == {"strategy": "fgrpo", "tau": "0.3", "gain_form": "ratio"}
+    with pytest.raises(ConfigError, match="not key=value"):
+        recipe("fgrpo[tau]")
+    with pytest.raises(ConfigError, match="not known"):
+        recipe("fgrpo+fedmagic")
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    out = root / "results"
+    args = ["compare", "--preset", "tiny", "--jobs", "2", "--out", str(out), "--cache-dir", str(root / "cache")]
+    assert main(args) == 0
+    return out, args
+
+
+def test_table_shape_and_values_match_the_run_directories(compared):
+    out, _ = compared
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert [(r["scenario"], r["strategy"]) for r in rows] == [("scale-skew", "fgrpo"), ("scale-skew", "fedavg")]
+    for row in rows:
+        runs = sorted((out / "runs" / "scale-skew" / row["strategy"]).glob("seed-*"))
+        assert [r.name.split("-")[1] for r in runs] == ["0", "1"]
+        finals = [json.loads((r / "summary.json").read_text())["final_macro_accuracy"] for r in runs]
+        assert int(row["seeds"]) == 2
+        assert float(row["final_macro_mean"]) == pytest.approx(statistics.fmean(finals))
+        assert float(row["final_macro_std"]) == pytest.approx(statistics.stdev(finals))
+        assert all(json.loads((r / "summary.json").read_text())["rounds"] == 2 for r in runs)
+    md = (out / "table.md").read_text()
+    assert "### scale-skew" in md and md.count("\n| fgrpo |") == 1 and md.count("\n| fedavg |") == 1
+    assert (out / "plots" / "accuracy-scale-skew.png").stat().st_size > 0
+    assert (out / "plots" / "weights-scale-skew.png").stat().st_size > 0  # fgrpo's weights vary
+
+
+def test_rerun_reuses_finished_runs_and_finishes_an_interrupted_one(compared, capsys):
+    out, args = compared
+    summaries = sorted(out.glob("runs/*/*/*/summary.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in summaries}
+    interrupted = summaries[0]
+    interrupted.unlink()  # as if killed after its last checkpoint
+    assert main(args) == 0
+    assert "(3 already done)" in " ".join(capsys.readouterr().err.split())
+    assert interrupted.exists()
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in summaries[1:])  # not redone
+
+
+def test_summary_statistics_by_hand(tmp_path):
+    plan = Plan(["fgrpo"], ["task-skew"], [0, 1, 2], target=0.5, run={"rounds": 4})
+    runs = plan_runs(plan, tmp_path)
+    curves = {0: [0.1, 0.4, 0.6, 0.5, 0.7], 1: [0.1, 0.5, 0.5, 0.5, 0.5], 2: [0.1, 0.2, 0.3, 0.4, 0.4]}
+    for _, cfg in runs:
+        run_dir = tmp_path / cfg.out
+        run_dir.mkdir(parents=True)
+        curve = curves[cfg.seed]
+        rows = [{"round": r, "kind": "eval", "macro_accuracy": a, "worst_task_accuracy": a / 2}
+                for r, a in enumerate(curve)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"final_macro_accuracy": curve[-1], "final_worst_task_accuracy": curve[-1] / 2, "wall_seconds": 1.0}))
+    (row,) = summarize_runs(plan, runs)
+    assert row["final_macro_mean"] == pytest.approx((0.7 + 0.5 + 0.4) / 3)
+    assert row["final_macro_std"] == pytest.approx(statistics.stdev([0.7, 0.5, 0.4]))
+    assert row["worst_task_mean"] == pytest.approx((0.35 + 0.25 + 0.2) / 3)
+    assert row["rounds_to_target_mean"] == pytest.approx((2 + 1) / 2) and row["seeds_reaching_target"] == 2
+    spreads = [statistics.pstdev(c[-3:]) for c in curves.values()]
+    assert row["last_rounds_spread_mean"] == pytest.approx(statistics.fmean(spreads))

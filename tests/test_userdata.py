@@ -1,0 +1,107 @@
+"""User data: JSONL / Parquet / Hugging Face folders, named rewards, and errors that name the row."""
+
+import json
+
+import pytest
+
+from fgrpo import userdata
+from fgrpo.cli import main
+from fgrpo.config import ConfigError
+from fgrpo.tasks import Example, correctness
+from tiny import TINY
+
+ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(5)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"prompt": "1+1=" "answer": "2"}', "invalid JSON"),
+    ('{"answer": "2"}', "missing field 'prompt'"),
+    ('{"prompt": "1+1="}', "missing field 'answer'"),
+    ('{"prompt": "  ", "answer": "2"}', "field 'prompt' is empty"),
+    ('{"prompt": 12, "answer": "2"}', "field 'prompt' has type int"),
+    ('{"prompt": "1+1=", "answer": [2]}', "field 'answer' has type list"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_malformed_jsonl_row_names_file_line_and_field(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "owner.jsonl", [ROWS[0], ROWS[1], bad, ROWS[2]])
+    with pytest.raises(userdata.DataError) as err:
+        userdata.load_rows(path)
+    assert f"{path}:3:" in str(err.value) and message in str(err.value)
+    loaded = userdata.load_rows(path, skip_bad_rows=True)
+    assert len(loaded.rows) == 3 and loaded.skipped == 1 and message in loaded.first_errors[0]
+
+
+def test_parquet_and_hf_folders_with_custom_columns(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"q": r["prompt"], "a": int(r["answer"])} for r in ROWS]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "owner.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "saved")
+    (tmp_path / "plain").mkdir()
+    write_jsonl(tmp_path / "plain" / "train.jsonl", rows)
+    for source in (tmp_path / "owner.parquet", tmp_path / "saved", tmp_path / "plain"):
+        loaded = userdata.load_rows(str(source), "q", "a")
+        assert loaded.rows[:2] == [{"prompt": "0+0=", "answer": "0"}, {"prompt": "0+1=", "answer": "1"}]
+    with pytest.raises(userdata.DataError, match="has no column 'prompt'; its columns are: q, a"):
+        userdata.load_rows(str(tmp_path / "owner.parquet"))
+    bad = rows[:3] + [{"q": "", "a": 1}]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    with pytest.raises(userdata.DataError, match=r"bad.parquet: row 4: field 'q' is empty"):
+        userdata.load_rows(str(tmp_path / "bad.parquet"), "q", "a")
+
+
+def test_named_rewards():
+    assert userdata.resolve_reward("exact")("p", "  Hello   World ", "hello world") == 1.0
+    assert userdata.resolve_reward("exact")("p", "hello", "hello world") == 0.0
+    math = userdata.resolve_reward("math")
+    assert math("p", "the answer is $\\frac{1}{2}$", "0.5") == 1.0
+    assert math("p", "0.4", "0.5") == 0.0
+    rg = userdata.resolve_reward("rg:spell_backward")
+    assert rg("p", "olleh", "olleh") == 1.0 and rg("p", "hello", "olleh") < 1.0
+    assert userdata.resolve_reward("userdata_helpers:length_match")("p", "abc", "xyz") == 1.0
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        userdata.resolve_reward("no_such_module:f")
+    with pytest.raises(ConfigError, match="not known"):
+        userdata.resolve_reward("fuzzy")
+
+
+def test_failing_reward_scores_zero_and_is_counted():
+    def flaky(prompt, completion, answer):
+        return 1 / 0 if completion == "boom" else (float("nan") if completion == "nan" else 1.0)
+
+    reward = userdata.SafeReward("flaky", flaky)
+    example = Example("owner", "p", "a", {})
+    assert [reward(example, c) for c in ("ok", "boom", "nan", "ok")] == [1.0, 0.0, 0.0, 1.0]
+    assert reward.take_failures() == (2, 4) and reward.take_failures() == (0, 0)
+
+
+def test_two_owners_run_end_to_end_with_their_own_verifiers(tmp_path, capsys):
+    arith = write_jsonl(tmp_path / "arith.jsonl", ROWS)
+    words = write_jsonl(tmp_path / "words.jsonl", [{"prompt": f"rev:{w}=", "answer": w[::-1]}
+                                                    for w in ["cat", "dog", "sun", "map", "pen", "cup"] * 4])
+    out = tmp_path / "run"
+    args = ["run", *TINY, "--rounds", "1", "--data", f"{arith},{words}",
+            "--rewards", "math,userdata_helpers:always_fails",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    clients = {r["client_id"]: r for r in rows if r["kind"] == "client"}
+    assert set(clients) == {"arith", "words"}
+    assert clients["arith"]["reward_failures"] == 0.0 and clients["words"]["reward_failures"] == 1.0
+    assert "failed on every sample" in " ".join(capsys.readouterr().err.split())
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert set(k for k in evals[-1] if k.startswith("accuracy/")) == {"accuracy/arith", "accuracy/words"}
+    # held-out rows: a fixed 20% of each file, never trained on
+    assert correctness(Example("arith", "1+1=", "2", {}), "2") == 1.0
+
+
+def test_data_option_errors(tmp_path):
+    assert main(["run", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r")]) == 2
+    assert main(["run", "--data", "x.jsonl", "--scenario", "task-skew", "--out", str(tmp_path / "r")]) == 2
