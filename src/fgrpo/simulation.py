@@ -47,10 +47,14 @@ def prompt_batches(examples: list[tasks.Example], batch_size: int, seed: int,
 
 @dataclass
 class ClientUpdate:
+    """What one client sends back after a round (DESIGN section 3), plus labels for the metrics."""
+
     stats: aggregation.ClientStats
     delta: Adapter
     metrics: dict[str, float]
     seconds: float
+    task: str = ""  # what the client trains on, for the metric rows
+    reward_scale: str = ""
 
 
 class Federation:
@@ -124,7 +128,7 @@ class Federation:
         delta = {k: (local[k] - start[k]).detach().clone() for k in start}
         stats = aggregation.ClientStats(client.client_id, result.num_prompts, result.reward_start,
                                         result.reward_end, result.reward_std, client.reward.range)
-        return ClientUpdate(stats, delta, result.metrics, seconds)
+        return ClientUpdate(stats, delta, result.metrics, seconds, client.task, client.reward.name)
 
     # --- server side --------------------------------------------------------------------------
     @property
@@ -163,18 +167,21 @@ class Federation:
 
     def run_round(self, rnd: int, on_client_done=None) -> list[dict]:
         """Train the sampled clients, aggregate, evaluate if due; return the round's metric rows."""
-        participants = self.sample_clients(rnd)
         updates = []
-        for client in participants:
+        for client in self.sample_clients(rnd):
             updates.append(self.train_client(client, rnd, self.local_adapters.get(client.client_id)))
             if on_client_done:
                 on_client_done(client)
-        stats = [u.stats for u in updates]
-        result = self.strategy(stats, self.client_baselines, self.fgrpo)
+        return self.finish_round(rnd, updates)
+
+    def finish_round(self, rnd: int, updates: list[ClientUpdate]) -> list[dict]:
+        """The server's half of a round (every runtime calls it): weights from the statistics, the
+        server step, the metric rows, and the evaluation when due."""
+        result = self.strategy([u.stats for u in updates], self.client_baselines, self.fgrpo)
         if self.cfg.strategy == "local-only":
-            for client, u in zip(participants, updates):
-                own = self.local_adapters[client.client_id]
-                self.local_adapters[client.client_id] = {k: own[k] + u.delta[k] for k in own}
+            for u in updates:
+                own = self.local_adapters[u.stats.client_id]
+                self.local_adapters[u.stats.client_id] = {k: own[k] + u.delta[k] for k in own}
             result.weights = [1.0] * len(updates)  # each client's update goes to its own model only
             server = {}
         else:
@@ -186,11 +193,11 @@ class Federation:
                 self.global_adapter, delta, self.server_optimizer, self.server_state)
         self.client_baselines = result.client_baselines
         rows = []
-        for client, u, w, g in zip(participants, updates, result.weights, result.gains):
-            state = self.client_baselines.get(client.client_id)
+        for u, w, g in zip(updates, result.weights, result.gains):
+            state = self.client_baselines.get(u.stats.client_id)
             rows.append({
-                "round": rnd, "kind": "client", "client_id": client.client_id, "task": client.task,
-                "reward_scale": client.reward.name, **asdict(u.stats), "weight": w, "gain": g,
+                "round": rnd, "kind": "client", "client_id": u.stats.client_id, "task": u.task,
+                "reward_scale": u.reward_scale, **asdict(u.stats), "weight": w, "gain": g,
                 "baseline": state.baseline if state else None, **u.metrics,
                 "update_norm": update_norm(u.delta), "train_seconds": u.seconds,
             })

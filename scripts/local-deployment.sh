@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Flower's deployment runtime on this machine: a SuperLink and N SuperNodes as separate processes
+# on 127.0.0.1, `flwr run` of this app for R rounds, then every started process is stopped.
+#
+#   scripts/local-deployment.sh N R ['key=value ...' run config overrides, e.g. "local-steps=2"]
+#
+# With FGRPO_SECURE=1 the federation runs with TLS (a local CA from scripts/make-credentials.sh)
+# and SuperNode authentication: each SuperNode's public key is registered with the SuperLink
+# before the SuperNode starts, and only registered SuperNodes can join.
+#
+# Each process starts in its own process group (setsid) and is stopped by group, so the SuperExec,
+# ServerApp and ClientApp children go with it. Logs and Flower's state: $FGRPO_DEPLOY_DIR
+# (default: a new temporary folder, printed). The run directory: out=... in the overrides, else
+# runs/deployment-<date-time>. Exit code: flwr run's, or 1 when the run left no summary.json.
+set -euo pipefail
+
+N=${1:?usage: scripts/local-deployment.sh N R [run-config overrides]}
+R=${2:?usage: scripts/local-deployment.sh N R [run-config overrides]}
+OVERRIDES=${3:-}
+APP_DIR=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${FGRPO_DEPLOY_DIR:-$(mktemp -d -t fgrpo-deploy-XXXXXX)}
+mkdir -p "$WORK"
+echo "logs and state: $WORK"
+
+free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+    for _ in $(seq 50); do
+        alive=0
+        for pid in "${PIDS[@]}"; do kill -0 -- "-$pid" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+LINK_PORT=$(free_port)
+CERTS="$WORK/credentials"
+if [ "${FGRPO_SECURE:-0}" = 1 ]; then
+    "$APP_DIR/scripts/make-credentials.sh" "$CERTS" "$N" > /dev/null
+    LINK_SECURITY=(--ssl-ca-certfile "$CERTS/ca.crt" --ssl-certfile "$CERTS/server.pem"
+                   --ssl-keyfile "$CERTS/server.key" --enable-supernode-auth)
+    CONNECTION="root-certificates = \"$CERTS/ca.crt\""
+else
+    LINK_SECURITY=(--insecure)
+    CONNECTION="insecure = true"
+fi
+setsid flower-superlink "${LINK_SECURITY[@]}" --disable-runtime-dependency-installation --port "$LINK_PORT" \
+    --database "$WORK/superlink.db" > "$WORK/superlink.log" 2>&1 &
+PIDS+=($!)
+echo "$!" > "$WORK/pids"
+for _ in $(seq 100); do
+    python -c "import socket; socket.create_connection(('127.0.0.1', $LINK_PORT), 0.2)" 2>/dev/null && break
+    sleep 0.2
+done
+
+export FLWR_HOME="$WORK/flwr-home"
+mkdir -p "$FLWR_HOME"
+cat > "$FLWR_HOME/config.toml" <<TOML
+[superlink]
+default = "local-deployment"
+
+[superlink.local-deployment]
+address = "127.0.0.1:$LINK_PORT"
+$CONNECTION
+TOML
+
+for k in $(seq 0 $((N - 1))); do
+    if [ "${FGRPO_SECURE:-0}" = 1 ]; then
+        flwr supernode register "$CERTS/node-$k.pub" local-deployment > "$WORK/register-$k.log" 2>&1
+        NODE_SECURITY=(--root-certificates "$CERTS/ca.crt" --auth-supernode-private-key "$CERTS/node-$k")
+    else
+        NODE_SECURITY=(--insecure)
+    fi
+    setsid flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$LINK_PORT" --port "$(free_port)" \
+        --node-config "partition-id=$k num-partitions=$N" > "$WORK/supernode-$k.log" 2>&1 &
+    PIDS+=($!)
+    echo "$!" >> "$WORK/pids"
+done
+
+case " $OVERRIDES " in
+    *" out="*) RUN_CONFIG="num-clients=$N rounds=$R $OVERRIDES" ;;
+    *) OUT="$APP_DIR/runs/deployment-$(date +%Y%m%d-%H%M%S)"
+       RUN_CONFIG="num-clients=$N rounds=$R out='$OUT' $OVERRIDES" ;;
+esac
+cd "$APP_DIR"
+flwr run . local-deployment --stream --run-config "$RUN_CONFIG" 2>&1 | tee "$WORK/flwr-run.log"
+status=${PIPESTATUS[0]}
+out_dir=$(sed -n "s/.*run directory: \(.*\)$/\1/p" "$WORK/flwr-run.log" | tail -1)
+if [ "$status" = 0 ] && { [ -z "$out_dir" ] || [ ! -f "$out_dir/summary.json" ]; }; then
+    echo "the run did not write its summary.json; see $WORK" >&2
+    status=1
+fi
+exit "$status"

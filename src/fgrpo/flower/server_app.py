@@ -1,0 +1,105 @@
+"""The ServerApp: holds the global adapter and every client's baseline, and aggregates with the same
+``Federation.finish_round`` as the in-process runtime, inside a Flower Strategy.
+
+It writes the same run directory as ``fgrpo run`` (metrics.jsonl, summary.json, adapter/, plots/,
+checkpoints/) and evaluates the global model on the held-out splits after every round.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from fgrpo.checkpoint import save_checkpoint
+from fgrpo.flower import task
+from fgrpo.rundir import MetricsLog, build_summary, make_run_dir, plot_accuracy, run_dir_path, write_json_atomic
+from fgrpo.simulation import Federation
+from fgrpo.tasks import derived_seed
+
+app = ServerApp()
+
+
+class FGRPOStrategy(Strategy):
+    """Flower Strategy whose aggregation is fgrpo's (any ``--strategy``); one run directory."""
+
+    def __init__(self, fed: Federation, metrics: MetricsLog, run_dir: Path):
+        self.fed, self.metrics, self.run_dir = fed, metrics, run_dir
+        self.cfg = fed.cfg
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        expected = len(self.fed.clients)
+        deadline = time.time() + 600
+        node_ids = sorted(grid.get_node_ids())
+        while len(node_ids) < expected and time.time() < deadline:
+            time.sleep(0.5)
+            node_ids = sorted(grid.get_node_ids())
+        rng = random.Random(derived_seed(self.cfg.seed, "client-sampling", server_round))
+        chosen = sorted(rng.sample(node_ids, max(1, round(self.cfg.fraction * len(node_ids)))))
+        content = RecordDict({"global": arrays, "round": ConfigRecord({"server-round": server_round})})
+        return [Message(content=content, message_type="train", dst_node_id=node) for node in chosen]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
+                                                                                      MetricRecord | None]:
+        updates = []
+        for reply in replies:
+            if reply.has_error():
+                log(WARNING, "round %s: a client failed: %s", server_round, reply.error.reason)
+                continue
+            try:
+                updates.append(task.content_update(reply.content, self.fed.global_adapter))
+            except (KeyError, ValueError) as err:
+                log(WARNING, "round %s: rejected a client's reply: %s", server_round, err)
+        if not updates:
+            log(WARNING, "round %s: no usable client update; the global adapter is unchanged", server_round)
+            return None, None
+        order = {c.client_id: i for i, c in enumerate(self.fed.clients)}  # the in-process order
+        updates.sort(key=lambda u: (order.get(u.stats.client_id, len(order)), u.stats.client_id))
+        rows = self.fed.finish_round(server_round, updates)
+        self.metrics.write(rows)
+        if server_round % self.cfg.checkpoint_every == 0 or server_round == self.cfg.rounds:
+            save_checkpoint(self.run_dir, server_round, *self.fed.server_state_dict(), len(self.metrics.rows),
+                            self.cfg.checkpoint_keep)
+        evals = [r for r in rows if r["kind"] == "eval"]
+        summary = {"clients": float(len(updates))}
+        if evals:
+            summary["macro_accuracy"] = evals[0]["macro_accuracy"]
+            log(INFO, "round %s: macro accuracy %.3f", server_round, evals[0]["macro_accuracy"])
+        return task.adapter_record(self.fed.global_adapter), MetricRecord(summary)
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # the server evaluates the global model itself, as the in-process runtime does
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log(INFO, "fgrpo %s on %s, %s clients, %s rounds", self.cfg.strategy, self.cfg.scenario,
+            len(self.fed.clients), self.cfg.rounds)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    start = time.perf_counter()
+    cfg = task.config_from_run_config(dict(context.run_config))
+    run_dir = run_dir_path(cfg)
+    fed = Federation(cfg)
+    make_run_dir(run_dir, cfg)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics.write([fed.eval_row(0)])
+    save_checkpoint(run_dir, 0, *fed.server_state_dict(), len(metrics.rows), cfg.checkpoint_keep)
+    strategy = FGRPOStrategy(fed, metrics, run_dir)
+    strategy.start(grid, task.adapter_record(fed.global_adapter), num_rounds=cfg.rounds)
+    fed.save_adapter(run_dir / "adapter")
+    plot_accuracy(metrics.rows, run_dir / "plots" / "accuracy.png")
+    write_json_atomic(run_dir / "summary.json",
+                      build_summary(cfg, metrics.rows, time.perf_counter() - start, run_dir / "adapter"))
+    log(INFO, "run directory: %s", run_dir)

@@ -1,0 +1,82 @@
+"""What the ServerApp and ClientApp share: the run config, the wire format, and the checks on it.
+
+Wire format (no pickle anywhere: tensors travel as Flower arrays):
+    server -> client   arrays "global" (the global adapter), config "round" {"server-round": t}
+    client -> server   arrays "delta" (delta_k), metrics "stats" (n_k, r_start, r_end, std, range,
+                       train_seconds and the local training metrics), config "client" (client_id,
+                       task, reward_scale)
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fgrpo import aggregation
+from fgrpo.config import RunConfig, build_config, config_fields
+from fgrpo.simulation import Adapter, ClientUpdate, Federation
+
+STAT_KEYS = ("num_prompts", "reward_start", "reward_end", "reward_std", "reward_range")
+
+
+def run_config_keys() -> dict[str, object]:
+    """The Flower run config keys (kebab-case) and defaults, one per ``fgrpo run`` option."""
+    defaults = RunConfig()
+    return {f.name.replace("_", "-"): getattr(defaults, f.name) for f in config_fields()}
+
+
+def config_from_run_config(run_config: dict) -> RunConfig:
+    """A validated RunConfig from Flower's run config (unknown keys are a ConfigError)."""
+    return build_config(overrides={k.replace("-", "_"): v for k, v in run_config.items()})
+
+
+@cache
+def federation(cfg_items: tuple) -> Federation:
+    """One Federation (base model, adapter, client data) per process and config, reused across rounds."""
+    return Federation(RunConfig(**dict(cfg_items)))
+
+
+def cached_federation(cfg: RunConfig) -> Federation:
+    return federation(tuple(sorted(cfg.to_dict().items())))
+
+
+def adapter_record(adapter: Adapter) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in adapter.items()})
+
+
+def record_adapter(record: ArrayRecord) -> Adapter:
+    return dict(record.to_torch_state_dict())
+
+
+def update_content(update: ClientUpdate) -> RecordDict:
+    s = update.stats
+    metrics = {"num_prompts": s.num_prompts, "reward_start": s.reward_start, "reward_end": s.reward_end,
+               "reward_std": s.reward_std, "reward_range": s.reward_range, "train_seconds": update.seconds,
+               **{f"train/{k}": v for k, v in update.metrics.items()}}
+    client = {"client_id": s.client_id, "task": update.task, "reward_scale": update.reward_scale}
+    return RecordDict({"delta": adapter_record(update.delta), "stats": MetricRecord(metrics),
+                       "client": ConfigRecord(client)})
+
+
+def content_update(content: RecordDict, global_adapter: Adapter) -> ClientUpdate:
+    """A client's reply back into a ClientUpdate, after checking every tensor's name, shape and dtype
+    against the global adapter; a mismatch is a ValueError naming the tensor."""
+    delta = record_adapter(content["delta"])
+    if delta.keys() != global_adapter.keys():
+        missing, extra = global_adapter.keys() - delta.keys(), delta.keys() - global_adapter.keys()
+        raise ValueError(f"delta tensors differ from the global adapter (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(extra)[:3]})")
+    for name, value in delta.items():
+        ref = global_adapter[name]
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            raise ValueError(f"delta {name}: shape {tuple(value.shape)} {value.dtype}, expected "
+                             f"{tuple(ref.shape)} {ref.dtype}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"delta {name} has non-finite values")
+    m, c = content["stats"], content["client"]
+    stats = aggregation.ClientStats(str(c["client_id"]), int(m["num_prompts"]),
+                                    *(float(m[k]) for k in STAT_KEYS[1:]))
+    train = {k[len("train/"):]: float(v) for k, v in m.items() if k.startswith("train/")}
+    return ClientUpdate(stats, delta, train, float(m["train_seconds"]), str(c["task"]), str(c["reward_scale"]))

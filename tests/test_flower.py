@@ -1,0 +1,138 @@
+"""fgrpo as a Flower App: run config mirrors `fgrpo run`, the wire format is checked, the simulation
+runtime gives the in-process result, and the deployment runtime (SuperLink + 2 SuperNodes as
+separate processes) finishes and leaves no process behind."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fgrpo.aggregation import ClientStats
+from fgrpo.cli import main
+from fgrpo.flower import task
+from fgrpo.simulation import ClientUpdate
+from tiny import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN_CONFIG = " ".join(f"{TINY[i][2:]}={TINY[i + 1]}" for i in range(0, len(TINY), 2))
+
+
+def test_flower_run_config_mirrors_every_fgrpo_option():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == task.run_config_keys()
+
+
+def test_replies_are_checked_against_the_global_adapter():
+    glob = {"a": torch.zeros(2, 3), "b": torch.zeros(3)}
+    update = ClientUpdate(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0), {"a": torch.ones(2, 3), "b": torch.ones(3)},
+                          {"loss": 0.5}, 1.0, "spell_backward", "x1")
+    back = task.content_update(task.update_content(update), glob)
+    assert back.stats == update.stats and back.metrics == {"loss": 0.5}
+    assert torch.equal(back.delta["a"], torch.ones(2, 3))
+    bad = [({"a": torch.ones(3, 2), "b": torch.ones(3)}, "shape"), ({"a": torch.ones(2, 3)}, "missing"),
+           ({"a": torch.ones(2, 3, dtype=torch.float64), "b": torch.ones(3)}, "float64"),
+           ({"a": torch.full((2, 3), float("nan")), "b": torch.ones(3)}, "non-finite")]
+    for delta, needle in bad:
+        with pytest.raises(ValueError, match=needle):
+            task.content_update(task.update_content(ClientUpdate(update.stats, delta, {}, 1.0)), glob)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, seconds: float = 30) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+def group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def adapters_equal(a: Path, b: Path) -> bool:
+    ta = load_file(a / "adapter" / "adapter_model.safetensors")
+    tb = load_file(b / "adapter" / "adapter_model.safetensors")
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_flower_simulation_equals_in_process_run(tmp_path):
+    """Same seed and config: the global adapter after 2 rounds is bitwise the in-process one."""
+    cache = tmp_path / "cache"
+    assert main(["run", *TINY, "--rounds", "2", "--num-clients", "3", "--cache-dir", str(cache),
+                 "--out", str(tmp_path / "in-process")]) == 0
+    port = free_port()
+    link = subprocess.Popen(["flower-superlink", "--insecure", "--simulation", "--port", str(port),
+                             "--database", str(tmp_path / "link.db")],
+                            stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # own process group: stopped with everything it starts
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    try:
+        wait_for_port(port)
+        run_config = f"{TINY_RUN_CONFIG} rounds=2 num-clients=3 cache-dir='{cache}' out='{tmp_path / 'flower'}'"
+        done = subprocess.run(["flwr", "run", ".", "sim", "--stream", "--run-config", run_config,
+                               "--federation-config", "num-supernodes=3"], cwd=ROOT, env=env, timeout=240,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    finally:
+        os.killpg(link.pid, signal.SIGTERM)
+        link.wait(timeout=30)
+        time.sleep(1)
+        if group_alive(link.pid):
+            os.killpg(link.pid, signal.SIGKILL)
+    assert (tmp_path / "flower" / "summary.json").exists()
+    assert adapters_equal(tmp_path / "flower", tmp_path / "in-process")
+    flower_rows = [json.loads(x) for x in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
+    local_rows = [json.loads(x) for x in (tmp_path / "in-process" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]
+    assert strip(flower_rows) == strip(local_rows)
+    assert not group_alive(link.pid)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["insecure", "tls-and-node-auth"])
+def test_local_deployment_two_supernodes_two_rounds(tmp_path, secure):
+    work, out = tmp_path / "deploy", tmp_path / "run"
+    overrides = f"{TINY_RUN_CONFIG} cache-dir='{tmp_path / 'cache'}' out='{out}'"
+    started = time.perf_counter()
+    env = {**os.environ, "FGRPO_DEPLOY_DIR": str(work), "FGRPO_SECURE": "1" if secure else "0"}
+    done = subprocess.run([str(ROOT / "scripts" / "local-deployment.sh"), "2", "2", overrides], env=env,
+                          timeout=280, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert time.perf_counter() - started < 300
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for rnd in (1, 2):
+        assert sorted(r["client_id"] for r in rows if r["kind"] == "client" and r["round"] == rnd) == \
+            ["client-0", "client-1"]  # every client took part in every round
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(final[k].abs().sum() > 0 for k in final if "lora_B" in k)  # LoRA B starts at zero: it moved
+    if secure:  # the SuperLink served HTTPS and both SuperNodes were registered before joining
+        assert "running on https://" in (work / "superlink.log").read_text()
+        assert all("registered successfully" in (work / f"register-{k}.log").read_text() for k in (0, 1))
+    pids = [int(p) for p in (work / "pids").read_text().split()]
+    assert len(pids) == 3 and not any(group_alive(p) for p in pids)  # SuperLink + 2 SuperNodes, all gone
