@@ -30,19 +30,12 @@ def test_flower_run_config_mirrors_every_fgrpo_option():
     assert pyproject["tool"]["flwr"]["app"]["config"] == task.run_config_keys()
 
 
-def test_replies_are_checked_against_the_global_adapter():
-    glob = {"a": torch.zeros(2, 3), "b": torch.zeros(3)}
+def test_reply_round_trip_keeps_the_update():
     update = ClientUpdate(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0), {"a": torch.ones(2, 3), "b": torch.ones(3)},
                           {"loss": 0.5}, 1.0, "spell_backward", "x1")
-    back = task.content_update(task.update_content(update), glob)
-    assert back.stats == update.stats and back.metrics == {"loss": 0.5}
-    assert torch.equal(back.delta["a"], torch.ones(2, 3))
-    bad = [({"a": torch.ones(3, 2), "b": torch.ones(3)}, "shape"), ({"a": torch.ones(2, 3)}, "missing"),
-           ({"a": torch.ones(2, 3, dtype=torch.float64), "b": torch.ones(3)}, "float64"),
-           ({"a": torch.full((2, 3), float("nan")), "b": torch.ones(3)}, "non-finite")]
-    for delta, needle in bad:
-        with pytest.raises(ValueError, match=needle):
-            task.content_update(task.update_content(ClientUpdate(update.stats, delta, {}, 1.0)), glob)
+    back = task.content_update(task.update_content(update))
+    assert back.stats == update.stats and back.metrics == {"loss": 0.5} and back.task == "spell_backward"
+    assert back.delta.keys() == update.delta.keys() and torch.equal(back.delta["a"], torch.ones(2, 3))
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ from fgrpo.cli import main
 from tiny import TINY as TINY_ARGS
 
 TINY = [*TINY_ARGS, "--num-clients", "3"]
-TIMINGS = {"train_seconds", "eval_seconds"}
+TIMINGS = {"train_seconds", "eval_seconds", "clock_seconds"}
 
 
 def rows(run_dir):

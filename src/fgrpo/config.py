@@ -117,6 +117,13 @@ class RunConfig:
     warm_start_steps: int = _f(800, "Supervised warm-start steps of the embedded model.")
     checkpoint_every: int = _f(1, "Write a checkpoint every N rounds (and after the last one).")
     checkpoint_keep: int = _f(2, "How many of the newest checkpoints to keep.")
+    # --- failing clients --------------------------------------------------------------------------
+    min_clients: int = _f(1, "Fewest accepted client updates a round needs; with fewer the run stops with a "
+                          "clear message, its last checkpoint valid (--resume retries the round).")
+    client_timeout: float = _f(0.0, "Seconds a client's local training may take; a slower client's update is "
+                               "left out of the round (0: no limit).")
+    max_norm_ratio: float = _f(10.0, "Leave out an update whose norm exceeds this multiple of the round's "
+                               "median update norm (0: no check).")
 
     def validate(self) -> RunConfig:
         """Check every value; raise ConfigError naming the first bad one."""
@@ -156,6 +163,10 @@ class RunConfig:
         _check("tau", self.tau, self.tau > 0, "> 0")
         _check("server_lr", self.server_lr, self.server_lr > 0, "> 0")
         _check("gain_floor", self.gain_floor, self.gain_floor > 0, "> 0")
+        _check("min_clients", self.min_clients, self.min_clients >= 1, "an integer >= 1")
+        _check("client_timeout", self.client_timeout, self.client_timeout >= 0, ">= 0 (0: no limit)")
+        _check("max_norm_ratio", self.max_norm_ratio, self.max_norm_ratio == 0 or self.max_norm_ratio >= 1,
+               "0 (off) or >= 1")
         _check("dirichlet_alpha", self.dirichlet_alpha, self.dirichlet_alpha > 0, "> 0")
         _check("server_eps", self.server_eps, self.server_eps > 0, "> 0")
         for key in ("server_beta1", "server_beta2"):

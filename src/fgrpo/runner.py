@@ -75,6 +75,9 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool 
                 save_checkpoint(run_dir, rnd, *fed.server_state_dict(), len(metrics.rows), cfg.checkpoint_keep)
             console.print(_round_table(rnd, rows, time.perf_counter() - t0))
             for r in rows:
+                if r["kind"] == "warning":
+                    console.print(f"[yellow]warning[/yellow]: round {rnd}: {r['client_id']} left out: {r['reason']}")
+            for r in rows:
                 if r.get("reward_failures") == 1.0:
                     reward = next(c.reward for c in fed.clients if c.client_id == r["client_id"])
                     console.print(f"[red]warning[/red]: client {r['client_id']}: its reward {reward.name!r} failed on "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -22,7 +23,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fgrpo import aggregation, tasks
-from fgrpo.config import RunConfig
+from fgrpo.config import ConfigError, RunConfig
 from fgrpo.evaluation import evaluate, summarize
 from fgrpo.grpo import GRPOSettings, local_grpo
 from fgrpo.model import add_lora, load_base, resolve_device
@@ -163,20 +164,57 @@ class Federation:
         row = {"round": rnd, "kind": "eval", **summarize(accuracy)}
         row.update({f"accuracy/{task}": acc for task, acc in accuracy.items()})
         row["eval_seconds"] = time.perf_counter() - t0
+        row["clock_seconds"] = time.time()  # when this evaluation ended (Unix time): rounds' wall times
         return row
 
     def run_round(self, rnd: int, on_client_done=None) -> list[dict]:
-        """Train the sampled clients, aggregate, evaluate if due; return the round's metric rows."""
-        updates = []
+        """Train the sampled clients, aggregate, evaluate if due; return the round's metric rows.
+        A client that raises is left out of the round with a warning row."""
+        updates: list[ClientUpdate] = []
+        failed: list[dict] = []
         for client in self.sample_clients(rnd):
-            updates.append(self.train_client(client, rnd, self.local_adapters.get(client.client_id)))
+            try:
+                updates.append(self.train_client(client, rnd, self.local_adapters.get(client.client_id)))
+            except Exception as err:  # one data owner's failure must not end the round
+                failed.append(warning_row(rnd, client.client_id, f"raised {type(err).__name__}: {err}"))
             if on_client_done:
                 on_client_done(client)
-        return self.finish_round(rnd, updates)
+        return self.finish_round(rnd, updates, failed)
 
-    def finish_round(self, rnd: int, updates: list[ClientUpdate]) -> list[dict]:
-        """The server's half of a round (every runtime calls it): weights from the statistics, the
-        server step, the metric rows, and the evaluation when due."""
+    def screen_updates(self, rnd: int, updates: list[ClientUpdate], failed: list[dict],
+                       ) -> tuple[list[ClientUpdate], list[dict]]:
+        """Accepted updates, and warning rows for the clients that ``failed`` (did not reply) and for
+        rejected updates: over the time limit, tensors that differ from the global adapter in name,
+        shape or dtype, non-finite values, or a norm above ``max_norm_ratio`` x the round's median."""
+        accepted, warnings = [], list(failed)
+        reference = self.local_adapters or {None: self.global_adapter}
+        adapter = next(iter(reference.values()))
+        for u in updates:
+            reason = delta_problem(u.delta, adapter)
+            if reason is None and self.cfg.client_timeout and u.seconds > self.cfg.client_timeout:
+                reason = f"took {u.seconds:.1f} s, over client_timeout = {self.cfg.client_timeout}"
+            if reason:
+                warnings.append(warning_row(rnd, u.stats.client_id, reason))
+            else:
+                accepted.append(u)
+        if self.cfg.max_norm_ratio and len(accepted) > 2:
+            norms = [update_norm(u.delta) for u in accepted]
+            limit = self.cfg.max_norm_ratio * statistics.median(norms)
+            warnings += [warning_row(rnd, u.stats.client_id, f"update norm {n:.3g} > max_norm_ratio x median = "
+                                     f"{limit:.3g}") for u, n in zip(accepted, norms) if n > limit]
+            accepted = [u for u, n in zip(accepted, norms) if n <= limit]
+        if len(accepted) < self.cfg.min_clients:
+            why = "; ".join(f"{w['client_id']}: {w['reason']}" for w in warnings)
+            raise RoundFailed(f"round {rnd}: {len(accepted)} accepted client update(s), fewer than min_clients = "
+                              f"{self.cfg.min_clients} ({why}); the last checkpoint is intact: fix the clients and "
+                              "--resume to retry the round")
+        return accepted, warnings
+
+    def finish_round(self, rnd: int, updates: list[ClientUpdate], failed: list[dict] | None = None) -> list[dict]:
+        """The server's half of a round (every runtime calls it): screening of the updates, weights
+        from the statistics, the server step, the metric rows, and the evaluation when due.
+        ``failed``: warning rows for clients that sent no update."""
+        updates, warnings = self.screen_updates(rnd, updates, failed or [])
         result = self.strategy([u.stats for u in updates], self.client_baselines, self.fgrpo)
         if self.cfg.strategy == "local-only":
             for u in updates:
@@ -192,7 +230,7 @@ class Federation:
             self.global_adapter, self.server_state = aggregation.server_step(
                 self.global_adapter, delta, self.server_optimizer, self.server_state)
         self.client_baselines = result.client_baselines
-        rows = []
+        rows = warnings
         for u, w, g in zip(updates, result.weights, result.gains):
             state = self.client_baselines.get(u.stats.client_id)
             rows.append({
@@ -241,6 +279,29 @@ class Federation:
             return
         set_peft_model_state_dict(self.model, self.global_adapter)
         self.model.save_pretrained(path)
+
+
+class RoundFailed(ConfigError):
+    """Too few usable client updates for a round; the message says which failed and why."""
+
+
+def warning_row(rnd: int, client_id: str, reason: str) -> dict:
+    """A metrics.jsonl row for a client left out of a round."""
+    return {"round": rnd, "kind": "warning", "client_id": client_id, "reason": reason}
+
+
+def delta_problem(delta: Adapter, reference: Adapter) -> str | None:
+    """Why ``delta`` cannot be applied to ``reference`` (names, shapes, dtypes, finiteness), or None."""
+    if delta.keys() != reference.keys():
+        missing, extra = sorted(reference.keys() - delta.keys()), sorted(delta.keys() - reference.keys())
+        return f"tensors differ from the global adapter (missing {missing[:2]}, unexpected {extra[:2]})"
+    for name, value in delta.items():
+        ref = reference[name]
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            return f"tensor {name}: {tuple(value.shape)} {value.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
+        if not torch.isfinite(value).all():
+            return f"tensor {name} has non-finite values"
+    return None
 
 
 def _names(text: str) -> list[str]:

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from fgrpo.checkpoint import save_checkpoint
 from fgrpo.flower import task
 from fgrpo.rundir import MetricsLog, build_summary, make_run_dir, plot_accuracy, run_dir_path, write_json_atomic
-from fgrpo.simulation import Federation
+from fgrpo.simulation import Federation, warning_row
 from fgrpo.tasks import derived_seed
 
 app = ServerApp()
@@ -49,21 +49,22 @@ class FGRPOStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                       MetricRecord | None]:
-        updates = []
+        updates, failed = [], []
         for reply in replies:
+            node = f"node-{reply.metadata.src_node_id}"
             if reply.has_error():
-                log(WARNING, "round %s: a client failed: %s", server_round, reply.error.reason)
+                failed.append(warning_row(server_round, node, f"failed: {reply.error.reason}"))
                 continue
             try:
-                updates.append(task.content_update(reply.content, self.fed.global_adapter))
-            except (KeyError, ValueError) as err:
-                log(WARNING, "round %s: rejected a client's reply: %s", server_round, err)
-        if not updates:
-            log(WARNING, "round %s: no usable client update; the global adapter is unchanged", server_round)
-            return None, None
+                updates.append(task.content_update(reply.content))
+            except (KeyError, TypeError, ValueError) as err:
+                failed.append(warning_row(server_round, node, f"unreadable reply: {err}"))
         order = {c.client_id: i for i, c in enumerate(self.fed.clients)}  # the in-process order
         updates.sort(key=lambda u: (order.get(u.stats.client_id, len(order)), u.stats.client_id))
-        rows = self.fed.finish_round(server_round, updates)
+        rows = self.fed.finish_round(server_round, updates, failed)  # screens the updates; may raise RoundFailed
+        for row in rows:
+            if row["kind"] == "warning":
+                log(WARNING, "round %s: %s left out: %s", server_round, row["client_id"], row["reason"])
         self.metrics.write(rows)
         if server_round % self.cfg.checkpoint_every == 0 or server_round == self.cfg.rounds:
             save_checkpoint(self.run_dir, server_round, *self.fed.server_state_dict(), len(self.metrics.rows),
