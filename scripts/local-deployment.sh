@@ -2,7 +2,11 @@
 # Flower's deployment runtime on this machine: a SuperLink and N SuperNodes as separate processes
 # on 127.0.0.1, `flwr run` of this app for R rounds, then every started process is stopped.
 #
-#   scripts/local-deployment.sh N R ['key=value ...' run config overrides, e.g. "local-steps=2"]
+#   scripts/local-deployment.sh N R ['key=value ...' run config overrides] [NODE_CONFIG_0 ... NODE_CONFIG_N-1]
+#
+# SuperNode k gets --node-config NODE_CONFIG_k when given (a data owner's own data:
+# 'data="/path/owner.jsonl" reward="math"', with scenario='user-data' in the overrides), else
+# "partition-id=k num-partitions=N" (client k of the run's named scenario).
 #
 # With FGRPO_SECURE=1 the federation runs with TLS (a local CA from scripts/make-credentials.sh)
 # and SuperNode authentication: each SuperNode's public key is registered with the SuperLink
@@ -17,6 +21,7 @@ set -euo pipefail
 N=${1:?usage: scripts/local-deployment.sh N R [run-config overrides]}
 R=${2:?usage: scripts/local-deployment.sh N R [run-config overrides]}
 OVERRIDES=${3:-}
+NODE_CONFIGS=("${@:4}")
 APP_DIR=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${FGRPO_DEPLOY_DIR:-$(mktemp -d -t fgrpo-deploy-XXXXXX)}
 mkdir -p "$WORK"
@@ -58,7 +63,7 @@ for _ in $(seq 100); do
     sleep 0.2
 done
 
-export FLWR_HOME="$WORK/flwr-home"
+export FLWR_HOME="$WORK/flwr-home"  # the SuperNodes and flwr keep their state here, not in ~/.flwr
 mkdir -p "$FLWR_HOME"
 cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]
@@ -77,7 +82,7 @@ for k in $(seq 0 $((N - 1))); do
         NODE_SECURITY=(--insecure)
     fi
     setsid flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$LINK_PORT" --port "$(free_port)" \
-        --node-config "partition-id=$k num-partitions=$N" > "$WORK/supernode-$k.log" 2>&1 &
+        --node-config "${NODE_CONFIGS[$k]:-partition-id=$k num-partitions=$N}" > "$WORK/supernode-$k.log" 2>&1 &
     PIDS+=($!)
     echo "$!" >> "$WORK/pids"
 done
@@ -87,6 +92,15 @@ case " $OVERRIDES " in
     *) OUT="$APP_DIR/runs/deployment-$(date +%Y%m%d-%H%M%S)"
        RUN_CONFIG="num-clients=$N rounds=$R out='$OUT' $OVERRIDES" ;;
 esac
+sleep 2
+for k in $(seq 0 $((N - 1))); do
+    if ! kill -0 "${PIDS[$((k + 1))]}" 2>/dev/null; then
+        echo "SuperNode $k exited at start; its log ($WORK/supernode-$k.log) ends with:" >&2
+        tail -3 "$WORK/supernode-$k.log" >&2
+        exit 1
+    fi
+done
+
 cd "$APP_DIR"
 flwr run . local-deployment --stream --run-config "$RUN_CONFIG" 2>&1 | tee "$WORK/flwr-run.log"
 status=${PIPESTATUS[0]}

@@ -27,7 +27,8 @@ TINY_RUN_CONFIG = " ".join(f"{TINY[i][2:]}={TINY[i + 1]}" for i in range(0, len(
 
 def test_flower_run_config_mirrors_every_fgrpo_option():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert pyproject["tool"]["flwr"]["app"]["config"] == task.run_config_keys()
+    assert pyproject["tool"]["flwr"]["app"]["config"] == task.run_config_keys(), (
+        "pyproject.toml's [tool.flwr.app.config] is stale: replace it with `python -m fgrpo.flower.task`")
 
 
 def test_reply_round_trip_keeps_the_update():
@@ -129,3 +130,24 @@ def test_local_deployment_two_supernodes_two_rounds(tmp_path, secure):
         assert all("registered successfully" in (work / f"register-{k}.log").read_text() for k in (0, 1))
     pids = [int(p) for p in (work / "pids").read_text().split()]
     assert len(pids) == 3 and not any(group_alive(p) for p in pids)  # SuperLink + 2 SuperNodes, all gone
+
+
+def test_deployment_with_each_owners_own_file_and_verifier(tmp_path):
+    """SuperNodes that bring their own JSONL and reward: clients train and evaluate on their own rows."""
+    rows = {"arith": [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(5)],
+            "words": [{"prompt": f"rev:{w}=", "answer": w[::-1]} for w in ["cat", "dog", "sun", "map", "pen"] * 5]}
+    for name, data in rows.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    out = tmp_path / "run"
+    overrides = f"{TINY_RUN_CONFIG} scenario='user-data' cache-dir='{tmp_path / 'cache'}' out='{out}'"
+    nodes = [f'data="{tmp_path / "arith.jsonl"}" reward="math"', f'data="{tmp_path / "words.jsonl"}" reward="exact"']
+    done = subprocess.run([str(ROOT / "scripts" / "local-deployment.sh"), "2", "2", overrides, *nodes],
+                          env={**os.environ, "FGRPO_DEPLOY_DIR": str(tmp_path / "deploy")}, timeout=280,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    clients = [(r["round"], r["client_id"], r["reward_scale"]) for r in metrics if r["kind"] == "client"]
+    assert sorted(clients) == [(1, "arith", "math"), (1, "words", "exact"), (2, "arith", "math"), (2, "words", "exact")]
+    evals = [r for r in metrics if r["kind"] == "eval"]
+    assert [r["round"] for r in evals] == [0, 1, 2]
+    assert all({"accuracy/arith", "accuracy/words"} <= set(r) for r in evals)  # measured on the owners' rows

@@ -39,7 +39,8 @@ class RunConfig:
                        "(implied by 'data') makes one client per data source.")
     data: str = _f("", "Comma-separated data sources, one client each: JSONL or Parquet files, Hugging Face "
                    "dataset folders or hub names (split 'train'); a fixed 20% (at most eval_size rows) of "
-                   "each is held out for evaluation.")
+                   "each is held out for evaluation. On Flower, each SuperNode names its own source instead "
+                   "(--node-config \"data=FILE reward=NAME\") and the run config leaves data empty.")
     rewards: str = _f("exact", "Verifier per data source (one for all, or comma-separated, one per source): "
                       "'exact', 'math' (math-verify), 'rg:<reasoning-gym dataset>', or 'module:function' "
                       "called as function(prompt, completion, answer) -> float in [0, 1].")
@@ -139,9 +140,9 @@ class RunConfig:
                 raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(valid)}")
         from fgrpo.tasks import TASKS
 
-        if (self.scenario == "user-data") != bool(self.data.strip()):
-            raise ConfigError(f"scenario = {self.scenario!r} with data = {self.data!r}: 'user-data' and 'data' "
-                              "go together (give --data FILE[,FILE...] and leave the scenario out)")
+        if self.data.strip() and self.scenario != "user-data":
+            raise ConfigError(f"scenario = {self.scenario!r} with data = {self.data!r}: 'data' makes the clients; "
+                              "leave the scenario out (it becomes 'user-data')")
 
         if not self.task_list:
             raise ConfigError(f"tasks = {self.tasks!r} names no task; choose from: {', '.join(TASKS)}")

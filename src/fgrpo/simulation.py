@@ -68,7 +68,9 @@ class Federation:
     aggregates, and evaluates each client on the tasks in its own data.
     """
 
-    def __init__(self, cfg: RunConfig, progress=None):
+    def __init__(self, cfg: RunConfig, progress=None, remote_clients: bool = False):
+        """``remote_clients``: a Flower server whose SuperNodes bring their own data (user-data with
+        no ``data`` here): no client data and no test sets on this side; clients evaluate."""
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         base, self.tokenizer = load_base(cfg.model, self.device, cfg.warm_start_steps, cfg.cache_dir,
@@ -76,8 +78,14 @@ class Federation:
         self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed,
                               freeze_a=cfg.lora_aggregation == "ffa")
         self.notes: list[str] = []  # what the user should know about the data (skipped rows)
-        if cfg.scenario == "user-data":
+        if remote_clients:
+            self.clients, self.test_sets = [], {}
+        elif cfg.scenario == "user-data":
             from fgrpo import userdata
+
+            if not cfg.data.strip():
+                raise ConfigError("scenario = 'user-data' needs data = FILE[,FILE...] in this runtime (on Flower, "
+                                  "each SuperNode names its own with --node-config \"data=FILE reward=NAME\")")
 
             self.clients, self.test_sets, self.notes = userdata.build_clients(
                 _names(cfg.data), _names(cfg.rewards), cfg.prompt_column, cfg.answer_column, cfg.skip_bad_rows,
@@ -101,8 +109,9 @@ class Federation:
         self.local_adapters: dict[str, Adapter] = {}  # local-only: each client's own adapter
         if cfg.strategy == "local-only":
             self.local_adapters = {c.client_id: clone(self.global_adapter) for c in self.clients}
-        total_steps = sum(self.local_steps(c) for c in self.clients) * self.clients_per_round / len(self.clients)
-        self.pooled = tasks.pooled_client(self.clients, max(1, round(total_steps)))
+        if self.clients:
+            total_steps = sum(self.local_steps(c) for c in self.clients) * self.clients_per_round / len(self.clients)
+            self.pooled = tasks.pooled_client(self.clients, max(1, round(total_steps)))
 
     def local_steps(self, client: tasks.ClientSpec) -> int:
         return client.local_steps or self.cfg.local_steps
@@ -158,9 +167,11 @@ class Federation:
                 per_task[task].append(acc)
         return {t: sum(accs) / len(accs) for t, accs in per_task.items()}
 
-    def eval_row(self, rnd: int) -> dict:
+    def eval_row(self, rnd: int, accuracy: dict[str, float] | None = None) -> dict:
+        """The evaluation row of round ``rnd``: of this side's test sets, or of ``accuracy`` measured
+        elsewhere (by Flower clients on their own held-out data)."""
         t0 = time.perf_counter()
-        accuracy = self.evaluate()
+        accuracy = self.evaluate() if accuracy is None else accuracy
         row = {"round": rnd, "kind": "eval", **summarize(accuracy)}
         row.update({f"accuracy/{task}": acc for task, acc in accuracy.items()})
         row["eval_seconds"] = time.perf_counter() - t0
@@ -241,9 +252,12 @@ class Federation:
             })
         if server:
             rows.append({"round": rnd, "kind": "server", **server})
-        if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds:
+        if self.eval_due(rnd) and self.test_sets:
             rows.append(self.eval_row(rnd))
         return rows
+
+    def eval_due(self, rnd: int) -> bool:
+        return rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds
 
     # --- state ----------------------------------------------------------------------------------
     def server_state_dict(self) -> tuple[Adapter, dict]:

@@ -1,14 +1,18 @@
 """The ClientApp: one data owner. It trains the received global adapter with the same local GRPO as
 the in-process runtime (``Federation.train_client``) and replies with its delta and statistics.
 
-Which data it holds comes from the SuperNode's ``node_config``: ``partition-id`` selects client
-``partition-id`` of the run's named scenario (Flower's simulation sets it; a deployment passes
-``--node-config "partition-id=0"``).
+Which data it holds comes from the SuperNode's ``node_config``: either the owner's own source and
+verifier (``--node-config "data=/path/owner.jsonl reward=math"``, with ``scenario = "user-data"`` in
+the run config; the client id is the file's name), or ``partition-id``, which selects that client of
+the run's named scenario (Flower's simulation sets it). With its own data, the client also
+evaluates the global model on its held-out rows, since only it has them.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+from dataclasses import replace
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fgrpo.flower import task
@@ -16,14 +20,37 @@ from fgrpo.flower import task
 app = ClientApp()
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def owner(context: Context):
+    """(this process's Federation, this node's client) from the run config and the node config."""
     cfg = task.config_from_run_config(dict(context.run_config))
+    node = dict(context.node_config)
+    if "data" in node:
+        cfg = replace(cfg, scenario="user-data", data=str(node["data"]), rewards=str(node.get("reward", cfg.rewards)))
+        fed = task.cached_federation(cfg)
+        return fed, fed.clients[0]
     fed = task.cached_federation(cfg)
-    partition = int(context.node_config["partition-id"])
+    partition = int(node["partition-id"])
     if not 0 <= partition < len(fed.clients):
         raise ValueError(f"node_config partition-id = {partition}: this scenario has {len(fed.clients)} clients")
-    client = fed.clients[partition]
+    return fed, fed.clients[partition]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    fed, client = owner(context)
     fed.global_adapter = task.record_adapter(msg.content["global"])
     update = fed.train_client(client, int(msg.content["round"]["server-round"]))
     return Message(content=task.update_content(update), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Greedy accuracy of the global adapter on this owner's held-out rows: correct and total per task."""
+    fed, client = owner(context)
+    fed.global_adapter = task.record_adapter(msg.content["global"])
+    accuracy = fed.evaluate()
+    counts = {}
+    for name, acc in accuracy.items():
+        total = len(fed.test_sets[name])
+        counts[f"correct/{name}"], counts[f"total/{name}"] = round(acc * total), total
+    return Message(content=RecordDict({"accuracy": MetricRecord(counts)}), reply_to=msg)

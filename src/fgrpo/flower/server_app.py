@@ -33,15 +33,21 @@ class FGRPOStrategy(Strategy):
     def __init__(self, fed: Federation, metrics: MetricsLog, run_dir: Path):
         self.fed, self.metrics, self.run_dir = fed, metrics, run_dir
         self.cfg = fed.cfg
+        self.remote = not fed.test_sets  # data owners bring their own data and evaluate on it
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        expected = len(self.fed.clients)
+    def node_ids(self, grid: Grid) -> list[int]:
+        """The connected SuperNodes, after waiting (up to 10 minutes) for as many as the run expects."""
+        expected = len(self.fed.clients) or self.cfg.num_clients
         deadline = time.time() + 600
         node_ids = sorted(grid.get_node_ids())
         while len(node_ids) < expected and time.time() < deadline:
             time.sleep(0.5)
             node_ids = sorted(grid.get_node_ids())
+        return node_ids
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        node_ids = self.node_ids(grid)
         rng = random.Random(derived_seed(self.cfg.seed, "client-sampling", server_round))
         chosen = sorted(rng.sample(node_ids, max(1, round(self.cfg.fraction * len(node_ids)))))
         content = RecordDict({"global": arrays, "round": ConfigRecord({"server-round": server_round})})
@@ -77,10 +83,34 @@ class FGRPOStrategy(Strategy):
         return task.adapter_record(self.fed.global_adapter), MetricRecord(summary)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []  # the server evaluates the global model itself, as the in-process runtime does
+        """Named scenarios: none (the server evaluates the global model itself, as in-process). Own
+        data: every SuperNode evaluates the global model on its held-out rows when an evaluation is due."""
+        if not self.remote or not self.fed.eval_due(server_round):
+            return []
+        content = RecordDict({"global": arrays})
+        return [Message(content=content, message_type="evaluate", dst_node_id=n) for n in self.node_ids(grid)]
 
     def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None
+        replies = list(replies)
+        if not replies:
+            return None
+        correct: dict[str, int] = {}
+        total: dict[str, int] = {}
+        for reply in replies:
+            if reply.has_error():
+                log(WARNING, "round %s: a client's evaluation failed: %s", server_round, reply.error.reason)
+                continue
+            for key, value in reply.content["accuracy"].items():
+                kind, name = key.split("/", 1)
+                bucket = correct if kind == "correct" else total
+                bucket[name] = bucket.get(name, 0) + int(value)
+        accuracy = {name: correct.get(name, 0) / n for name, n in sorted(total.items()) if n}
+        if not accuracy:
+            return None
+        row = self.fed.eval_row(server_round, accuracy)
+        self.metrics.write([row])
+        log(INFO, "round %s: macro accuracy %.3f (evaluated by the clients)", server_round, row["macro_accuracy"])
+        return MetricRecord({"macro_accuracy": row["macro_accuracy"]})
 
     def summary(self) -> None:
         log(INFO, "fgrpo %s on %s, %s clients, %s rounds", self.cfg.strategy, self.cfg.scenario,
@@ -92,13 +122,18 @@ def main(grid: Grid, context: Context) -> None:
     start = time.perf_counter()
     cfg = task.config_from_run_config(dict(context.run_config))
     run_dir = run_dir_path(cfg)
-    fed = Federation(cfg)
+    fed = Federation(cfg, remote_clients=cfg.scenario == "user-data" and not cfg.data.strip())
     make_run_dir(run_dir, cfg)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    metrics.write([fed.eval_row(0)])
-    save_checkpoint(run_dir, 0, *fed.server_state_dict(), len(metrics.rows), cfg.checkpoint_keep)
     strategy = FGRPOStrategy(fed, metrics, run_dir)
-    strategy.start(grid, task.adapter_record(fed.global_adapter), num_rounds=cfg.rounds)
+    arrays = task.adapter_record(fed.global_adapter)
+    if strategy.remote:  # round 0 on the owners' held-out rows
+        replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(), grid))
+        strategy.aggregate_evaluate(0, replies)
+    else:
+        metrics.write([fed.eval_row(0)])
+    save_checkpoint(run_dir, 0, *fed.server_state_dict(), len(metrics.rows), cfg.checkpoint_keep)
+    strategy.start(grid, arrays, num_rounds=cfg.rounds)
     fed.save_adapter(run_dir / "adapter")
     plot_accuracy(metrics.rows, run_dir / "plots" / "accuracy.png")
     write_json_atomic(run_dir / "summary.json",

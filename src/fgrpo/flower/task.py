@@ -68,3 +68,21 @@ def content_update(content: RecordDict) -> ClientUpdate:
                                     *(float(m[k]) for k in STAT_KEYS[1:]))
     train = {k[len("train/"):]: float(v) for k, v in m.items() if k.startswith("train/")}
     return ClientUpdate(stats, delta, train, float(m["train_seconds"]), str(c["task"]), str(c["reward_scale"]))
+
+
+def run_config_toml() -> str:
+    """The ``[tool.flwr.app.config]`` section of pyproject.toml (``python -m fgrpo.flower.task``)."""
+    lines = ["[tool.flwr.app.config]"]
+    for key, value in run_config_keys().items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = '"' + value + '"'
+        else:
+            text = repr(value)
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(run_config_toml(), end="")
