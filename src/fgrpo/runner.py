@@ -181,9 +181,17 @@ def evaluate_saved(adapter: str | None, model: str | None, task_names: str | Non
     cfg = build_config(overrides={**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
     base, tokenizer = load_base(cfg.model, resolve_device(cfg.device), cfg.warm_start_steps, cfg.cache_dir)
     net = PeftModel.from_pretrained(base, adapter) if adapter else base
-    accuracy = evaluate(net, tokenizer, {t: test_split(t, cfg.eval_size) for t in cfg.task_list}, cfg.max_new_tokens)
+    if cfg.scenario == "user-data" and cfg.data.strip():  # the owners' held-out rows, as in the run
+        from fgrpo.userdata import build_clients
+
+        names = lambda text: [x.strip() for x in text.split(",") if x.strip()]
+        _, test_sets, _ = build_clients(names(cfg.data), names(cfg.rewards), cfg.prompt_column,
+                                        cfg.answer_column, cfg.skip_bad_rows, cfg.eval_size)
+    else:
+        test_sets = {t: test_split(t, cfg.eval_size) for t in cfg.task_list}
+    accuracy = evaluate(net, tokenizer, test_sets, cfg.max_new_tokens)
     table = Table(title="held-out accuracy (greedy)", title_justify="left",
-                  caption=f"{cfg.eval_size} prompts per task", caption_justify="left")
+                  caption=f"at most {cfg.eval_size} held-out prompts per task", caption_justify="left")
     table.add_column("task")
     table.add_column("accuracy", justify="right")
     for task, acc in accuracy.items():
