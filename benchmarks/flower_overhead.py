@@ -43,11 +43,12 @@ def free_port() -> int:
 
 def run_simulation(options: dict, out: Path, clients: int, work: Path) -> None:
     port = free_port()
-    link = subprocess.Popen(["flower-superlink", "--insecure", "--simulation", "--port", str(port),
-                             "--database", str(work / "sim.db")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     home = work / "flwr-home"
     home.mkdir(exist_ok=True)
+    link = subprocess.Popen(["flower-superlink", "--insecure", "--simulation", "--port", str(port),
+                             "--disable-runtime-dependency-installation", "--database", str(work / "sim.db")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "FLWR_HOME": str(home)})
     (home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     try:

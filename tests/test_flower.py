@@ -76,15 +76,16 @@ def test_flower_simulation_equals_in_process_run(tmp_path):
     assert main(["run", *TINY, "--rounds", "2", "--num-clients", "3", "--cache-dir", str(cache),
                  "--out", str(tmp_path / "in-process")]) == 0
     port = free_port()
-    link = subprocess.Popen(["flower-superlink", "--insecure", "--simulation", "--port", str(port),
-                             "--database", str(tmp_path / "link.db")],
-                            stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # own process group: stopped with everything it starts
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home)}
+    env = {**os.environ, "FLWR_HOME": str(home)}  # Flower's state under tmp_path, not ~/.flwr
+    link = subprocess.Popen(["flower-superlink", "--insecure", "--simulation", "--port", str(port),
+                             "--disable-runtime-dependency-installation",  # the installed env, no CUDA torch
+                             "--database", str(tmp_path / "link.db")],
+                            stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env=env)  # own process group: stopped with its children
     try:
         wait_for_port(port)
         run_config = f"{TINY_RUN_CONFIG} rounds=2 num-clients=3 cache-dir='{cache}' out='{tmp_path / 'flower'}'"
@@ -92,6 +93,7 @@ def test_flower_simulation_equals_in_process_run(tmp_path):
                                "--federation-config", "num-supernodes=3"], cwd=ROOT, env=env, timeout=240,
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "Installing application dependencies" not in done.stdout  # ran in the installed environment
     finally:
         os.killpg(link.pid, signal.SIGTERM)
         link.wait(timeout=30)

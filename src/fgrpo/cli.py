@@ -71,7 +71,7 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
             continue
         default = getattr(defaults, f.name)
         parser.add_argument(_option(f.name), dest=f.name, metavar=type(default).__name__.upper(),
-                            default=None, help=f"{f.metadata['doc']} (default: {default!r})")
+                            default=None, help=f"{f.metadata['doc']} (default: {default!r})".replace("%", "%%"))
 
 
 def _overrides(args: argparse.Namespace) -> dict:

@@ -105,8 +105,10 @@ def load_preset(name_or_path: str) -> Plan:
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """Hash of everything that changes a run's result (not where it is written or cached)."""
-    values = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "cache_dir")}
+    """Hash of the settings that differ from the defaults, except where the run is written or cached:
+    a new option whose default keeps the old behaviour leaves finished runs reusable."""
+    defaults = RunConfig().to_dict()
+    values = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "cache_dir") and v != defaults[k]}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
 
 

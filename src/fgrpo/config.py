@@ -40,7 +40,7 @@ class RunConfig:
     data: str = _f("", "Comma-separated data sources, one client each: JSONL or Parquet files, Hugging Face "
                    "dataset folders or hub names (split 'train'); a fixed 20% (at most eval_size rows) of "
                    "each is held out for evaluation. On Flower, each SuperNode names its own source instead "
-                   "(--node-config \"data=FILE reward=NAME\") and the run config leaves data empty.")
+                   "(--node-config 'data=\"FILE\" reward=\"NAME\"') and the run config leaves data empty.")
     rewards: str = _f("exact", "Verifier per data source (one for all, or comma-separated, one per source): "
                       "'exact', 'math' (math-verify), 'rg:<reasoning-gym dataset>', or 'module:function' "
                       "called as function(prompt, completion, answer) -> float in [0, 1].")
@@ -124,7 +124,7 @@ class RunConfig:
     client_timeout: float = _f(0.0, "Seconds a client's local training may take; a slower client's update is "
                                "left out of the round (0: no limit).")
     max_norm_ratio: float = _f(10.0, "Leave out an update whose norm exceeds this multiple of the round's "
-                               "median update norm (0: no check).")
+                               "median non-zero update norm (checked with 3 or more non-zero updates; 0: no check).")
 
     def validate(self) -> RunConfig:
         """Check every value; raise ConfigError naming the first bad one."""

@@ -85,7 +85,7 @@ class Federation:
 
             if not cfg.data.strip():
                 raise ConfigError("scenario = 'user-data' needs data = FILE[,FILE...] in this runtime (on Flower, "
-                                  "each SuperNode names its own with --node-config \"data=FILE reward=NAME\")")
+                                  "each SuperNode names its own with --node-config 'data=\"FILE\" reward=\"NAME\"')")
 
             self.clients, self.test_sets, self.notes = userdata.build_clients(
                 _names(cfg.data), _names(cfg.rewards), cfg.prompt_column, cfg.answer_column, cfg.skip_bad_rows,
@@ -196,7 +196,7 @@ class Federation:
                        ) -> tuple[list[ClientUpdate], list[dict]]:
         """Accepted updates, and warning rows for the clients that ``failed`` (did not reply) and for
         rejected updates: over the time limit, tensors that differ from the global adapter in name,
-        shape or dtype, non-finite values, or a norm above ``max_norm_ratio`` x the round's median."""
+        shape or dtype, non-finite values, or a norm above ``max_norm_ratio`` x the round's median non-zero norm."""
         accepted, warnings = [], list(failed)
         reference = self.local_adapters or {None: self.global_adapter}
         adapter = next(iter(reference.values()))
@@ -208,9 +208,10 @@ class Federation:
                 warnings.append(warning_row(rnd, u.stats.client_id, reason))
             else:
                 accepted.append(u)
-        if self.cfg.max_norm_ratio and len(accepted) > 2:
-            norms = [update_norm(u.delta) for u in accepted]
-            limit = self.cfg.max_norm_ratio * statistics.median(norms)
+        norms = [update_norm(u.delta) for u in accepted]
+        moving = [n for n in norms if n > 0]  # a client whose groups all tied sends a zero update
+        if self.cfg.max_norm_ratio and len(moving) > 2:
+            limit = self.cfg.max_norm_ratio * statistics.median(moving)
             warnings += [warning_row(rnd, u.stats.client_id, f"update norm {n:.3g} > max_norm_ratio x median = "
                                      f"{limit:.3g}") for u, n in zip(accepted, norms) if n > limit]
             accepted = [u for u, n in zip(accepted, norms) if n <= limit]
