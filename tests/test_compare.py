@@ -81,6 +81,7 @@ def test_summary_statistics_by_hand(tmp_path):
     assert row["final_macro_mean"] == pytest.approx((0.7 + 0.5 + 0.4) / 3)
     assert row["final_macro_std"] == pytest.approx(statistics.stdev([0.7, 0.5, 0.4]))
     assert row["worst_task_mean"] == pytest.approx((0.35 + 0.25 + 0.2) / 3)
+    assert row["mean_over_rounds"] == pytest.approx(statistics.fmean(statistics.fmean(c[1:]) for c in curves.values()))
     assert row["rounds_to_target_mean"] == pytest.approx((2 + 1) / 2) and row["seeds_reaching_target"] == 2
     spreads = [statistics.pstdev(c[-3:]) for c in curves.values()]
     assert row["last_rounds_spread_mean"] == pytest.approx(statistics.fmean(spreads))

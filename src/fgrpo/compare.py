@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fgrpo.config import STRATEGIES, ConfigError, RunConfig, build_config
@@ -182,12 +183,12 @@ def run_comparison(plan: Plan, out: Path, jobs: int = 1, console: Console | None
 def _collect(name: str, cfg: RunConfig, result, failures: list[str], console: Console) -> None:
     try:
         summary = result()
-        console.print(f"{cfg.scenario:16s} {name:22s} seed {cfg.seed}: macro "
+        console.print(f"{cfg.scenario:16s} {escape(name):22s} seed {cfg.seed}: macro "
                       f"{summary['initial_macro_accuracy']:.3f} -> {summary['final_macro_accuracy']:.3f} "
                       f"({summary['wall_seconds']:.0f} s)")
     except Exception as err:  # one failed run must not cost the others; it is listed at the end
         failures.append(f"{cfg.out}: {type(err).__name__}: {err}")
-        console.print(f"[red]{cfg.scenario} {name} seed {cfg.seed} failed[/red]: {err}")
+        console.print(f"[red]{cfg.scenario} {escape(name)} seed {cfg.seed} failed[/red]: {escape(str(err))}")
 
 
 def _evals(run_dir: str) -> list[dict]:
@@ -206,7 +207,7 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
     rows = []
     for scenario in plan.scenarios:
         for strategy in plan.strategies:
-            finals, worst, to_target, spreads, seconds = [], [], [], [], []
+            finals, worst, to_target, spreads, seconds, curve_means = [], [], [], [], [], []
             for name, cfg in runs:
                 summary_path = Path(cfg.out) / "summary.json"
                 if name != strategy or cfg.scenario != scenario or not summary_path.exists():
@@ -217,6 +218,8 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
                 worst.append(summary["final_worst_task_accuracy"])
                 reached = [e["round"] for e in evals if e["macro_accuracy"] >= plan.target]
                 to_target.append(reached[0] if reached else None)
+                trained = [e["macro_accuracy"] for e in evals if e["round"] > 0]
+                curve_means.append(statistics.fmean(trained) if trained else math.nan)
                 tail = [e["macro_accuracy"] for e in evals[-LAST_ROUNDS:]]
                 spreads.append(statistics.pstdev(tail) if len(tail) > 1 else 0.0)
                 seconds.append(summary["wall_seconds"])
@@ -226,6 +229,7 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
                 "scenario": scenario, "strategy": strategy, "seeds": len(finals),
                 "final_macro_mean": mean, "final_macro_std": std,
                 "worst_task_mean": _mean_std(worst)[0],
+                "mean_over_rounds": _mean_std(curve_means)[0],
                 "rounds_to_target_mean": statistics.fmean(hit) if hit else math.nan,
                 "seeds_reaching_target": len(hit),
                 "last_rounds_spread_mean": _mean_std(spreads)[0],
@@ -243,13 +247,14 @@ def write_tables(rows: list[dict], out: Path) -> None:
     lines = []
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         lines += [f"### {scenario}", "",
-                  "| strategy | final macro accuracy (mean ± std) | worst task | rounds to target "
-                  "(seeds reaching it) | spread, last rounds | seeds |",
-                  "|---|---|---|---|---|---|"]
+                  "| strategy | final macro accuracy (mean ± std) | worst task | mean over rounds 1..R | "
+                  "rounds to target (seeds reaching it) | spread, last rounds | seeds |",
+                  "|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["scenario"] == scenario):
             target = ("-" if math.isnan(r["rounds_to_target_mean"]) else f"{r['rounds_to_target_mean']:.1f}")
             lines.append(f"| {r['strategy']} | {r['final_macro_mean']:.3f} ± {r['final_macro_std']:.3f} | "
-                         f"{r['worst_task_mean']:.3f} | {target} ({r['seeds_reaching_target']}/{r['seeds']}) | "
+                         f"{r['worst_task_mean']:.3f} | {r['mean_over_rounds']:.3f} | "
+                         f"{target} ({r['seeds_reaching_target']}/{r['seeds']}) | "
                          f"{r['last_rounds_spread_mean']:.3f} | {r['seeds']} |")
         lines.append("")
     (out / "table.md").write_text("\n".join(lines))
