@@ -142,14 +142,16 @@ def test_deployment_with_each_owners_own_file_and_verifier(tmp_path):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     out = tmp_path / "run"
     overrides = f"{TINY_RUN_CONFIG} scenario='user-data' cache-dir='{tmp_path / 'cache'}' out='{out}'"
-    nodes = [f'data="{tmp_path / "arith.jsonl"}" reward="math"', f'data="{tmp_path / "words.jsonl"}" reward="exact"']
+    nodes = [f'data="{tmp_path / "arith.jsonl"}" reward="math" client-id="school-a"',  # a name of its choosing
+             f'data="{tmp_path / "words.jsonl"}" reward="exact"']
     done = subprocess.run([str(ROOT / "scripts" / "local-deployment.sh"), "2", "2", overrides, *nodes],
                           env={**os.environ, "FGRPO_DEPLOY_DIR": str(tmp_path / "deploy")}, timeout=280,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     clients = [(r["round"], r["client_id"], r["reward_scale"]) for r in metrics if r["kind"] == "client"]
-    assert sorted(clients) == [(1, "arith", "math"), (1, "words", "exact"), (2, "arith", "math"), (2, "words", "exact")]
+    assert sorted(clients) == [(1, "school-a", "math"), (1, "words", "exact"), (2, "school-a", "math"),
+                               (2, "words", "exact")]
     evals = [r for r in metrics if r["kind"] == "eval"]
     assert [r["round"] for r in evals] == [0, 1, 2]
     assert all({"accuracy/arith", "accuracy/words"} <= set(r) for r in evals)  # measured on the owners' rows

@@ -2,10 +2,11 @@
 the in-process runtime (``Federation.train_client``) and replies with its delta and statistics.
 
 Which data it holds comes from the SuperNode's ``node_config``: either the owner's own source and
-verifier (``--node-config "data=/path/owner.jsonl reward=math"``, with ``scenario = "user-data"`` in
-the run config; the client id is the file's name), or ``partition-id``, which selects that client of
-the run's named scenario (Flower's simulation sets it). With its own data, the client also
-evaluates the global model on its held-out rows, since only it has them.
+verifier (``--node-config 'data="/path/owner.jsonl" reward="math"'``, with ``scenario = "user-data"``
+in the run config; the client id is the file's name unless ``client-id`` names it), or
+``partition-id``, which selects that client of the run's named scenario (Flower's simulation sets
+it). With its own data, the client also evaluates the global model on its held-out rows, since
+only it has them.
 """
 
 from __future__ import annotations
@@ -21,18 +22,24 @@ app = ClientApp()
 
 
 def owner(context: Context):
-    """(this process's Federation, this node's client) from the run config and the node config."""
+    """(this process's Federation, this node's client) from the run config and the node config.
+    ``client-id`` in the node config names the client for the server (its baseline is kept under
+    that name, so it survives a SuperNode restart, when Flower's node id changes)."""
     cfg = task.config_from_run_config(dict(context.run_config))
     node = dict(context.node_config)
     if "data" in node:
         cfg = replace(cfg, scenario="user-data", data=str(node["data"]), rewards=str(node.get("reward", cfg.rewards)))
         fed = task.cached_federation(cfg)
-        return fed, fed.clients[0]
-    fed = task.cached_federation(cfg)
-    partition = int(node["partition-id"])
-    if not 0 <= partition < len(fed.clients):
-        raise ValueError(f"node_config partition-id = {partition}: this scenario has {len(fed.clients)} clients")
-    return fed, fed.clients[partition]
+        client = fed.clients[0]
+    else:
+        fed = task.cached_federation(cfg)
+        partition = int(node["partition-id"])
+        if not 0 <= partition < len(fed.clients):
+            raise ValueError(f"node_config partition-id = {partition}: this scenario has {len(fed.clients)} clients")
+        client = fed.clients[partition]
+    if "client-id" in node:
+        client = replace(client, client_id=str(node["client-id"]))
+    return fed, client
 
 
 @app.train()
