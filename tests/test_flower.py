@@ -155,3 +155,30 @@ def test_deployment_with_each_owners_own_file_and_verifier(tmp_path):
     evals = [r for r in metrics if r["kind"] == "eval"]
     assert [r["round"] for r in evals] == [0, 1, 2]
     assert all({"accuracy/arith", "accuracy/words"} <= set(r) for r in evals)  # measured on the owners' rows
+
+
+def test_run_survives_a_supernode_stopped_mid_run(tmp_path):
+    """Stop one of two SuperNodes after round 1: the run finishes with the other, and the lost
+    client's absence is a warning row, not a crash."""
+    work, out = tmp_path / "deploy", tmp_path / "run"
+    overrides = f"{TINY_RUN_CONFIG} client-timeout=150.0 cache-dir='{tmp_path / 'cache'}' out='{out}'"
+    proc = subprocess.Popen([str(ROOT / "scripts" / "local-deployment.sh"), "2", "3", overrides],
+                            env={**os.environ, "FGRPO_DEPLOY_DIR": str(work)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(x)["kind"] == "eval" and json.loads(x)["round"] == 1
+                                    for x in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.5)
+    pids = [int(p) for p in (work / "pids").read_text().split()]
+    os.killpg(pids[2], signal.SIGKILL)  # SuperNode 1 (pids: SuperLink, SuperNode 0, SuperNode 1)
+    output, _ = proc.communicate(timeout=420)
+    assert proc.returncode == 0, output[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows if r["kind"] == "eval"] == [0, 1, 2, 3]
+    per_round = {rnd: sorted(r["client_id"] for r in rows if r["kind"] == "client" and r["round"] == rnd)
+                 for rnd in (1, 2, 3)}
+    assert len(per_round[1]) == 2 and len(per_round[3]) == 1  # both, then the survivor alone
+    assert not any(group_alive(p) for p in pids)

@@ -35,10 +35,11 @@ class FGRPOStrategy(Strategy):
         self.cfg = fed.cfg
         self.remote = not fed.test_sets  # data owners bring their own data and evaluate on it
 
-    def node_ids(self, grid: Grid) -> list[int]:
-        """The connected SuperNodes, after waiting (up to 10 minutes) for as many as the run expects."""
+    def node_ids(self, grid: Grid, wait: bool = True) -> list[int]:
+        """The connected SuperNodes; with ``wait`` (the start of the run), after waiting up to 10
+        minutes for as many as the run expects. Later rounds go on with the nodes that remain."""
         expected = len(self.fed.clients) or self.cfg.num_clients
-        deadline = time.time() + 600
+        deadline = time.time() + (600 if wait else 0)
         node_ids = sorted(grid.get_node_ids())
         while len(node_ids) < expected and time.time() < deadline:
             time.sleep(0.5)
@@ -47,7 +48,7 @@ class FGRPOStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        node_ids = self.node_ids(grid)
+        node_ids = self.node_ids(grid, wait=server_round == 1)
         rng = random.Random(derived_seed(self.cfg.seed, "client-sampling", server_round))
         chosen = sorted(rng.sample(node_ids, max(1, round(self.cfg.fraction * len(node_ids)))))
         content = RecordDict({"global": arrays, "round": ConfigRecord({"server-round": server_round})})
@@ -88,7 +89,8 @@ class FGRPOStrategy(Strategy):
         if not self.remote or not self.fed.eval_due(server_round):
             return []
         content = RecordDict({"global": arrays})
-        return [Message(content=content, message_type="evaluate", dst_node_id=n) for n in self.node_ids(grid)]
+        return [Message(content=content, message_type="evaluate", dst_node_id=n)
+                for n in self.node_ids(grid, wait=server_round == 0)]
 
     def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
         replies = list(replies)
@@ -133,7 +135,8 @@ def main(grid: Grid, context: Context) -> None:
     else:
         metrics.write([fed.eval_row(0)])
     save_checkpoint(run_dir, 0, *fed.server_state_dict(), len(metrics.rows), cfg.checkpoint_keep)
-    strategy.start(grid, arrays, num_rounds=cfg.rounds)
+    # a round waits for its replies at most client_timeout seconds (an hour when unset)
+    strategy.start(grid, arrays, num_rounds=cfg.rounds, timeout=cfg.client_timeout or 3600)
     fed.save_adapter(run_dir / "adapter")
     plot_accuracy(metrics.rows, run_dir / "plots" / "accuracy.png")
     write_json_atomic(run_dir / "summary.json",
