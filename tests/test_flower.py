@@ -11,7 +11,6 @@ import time
 import tomllib
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -109,8 +108,10 @@ def test_flower_simulation_equals_in_process_run(tmp_path):
     assert not group_alive(link.pid)
 
 
-@pytest.mark.parametrize("secure", [False, True], ids=["insecure", "tls-and-node-auth"])
-def test_local_deployment_two_supernodes_two_rounds(tmp_path, secure):
+def test_local_deployment_with_tls_and_supernode_auth(tmp_path):
+    """SuperLink + 2 SuperNodes, 2 rounds, TLS and SuperNode authentication on (the insecure
+    deployment runs in the next test and in tests/test_tutorial.py)."""
+    secure = True
     work, out = tmp_path / "deploy", tmp_path / "run"
     overrides = f"{TINY_RUN_CONFIG} cache-dir='{tmp_path / 'cache'}' out='{out}'"
     started = time.perf_counter()
@@ -134,35 +135,13 @@ def test_local_deployment_two_supernodes_two_rounds(tmp_path, secure):
     assert len(pids) == 3 and not any(group_alive(p) for p in pids)  # SuperLink + 2 SuperNodes, all gone
 
 
-def test_deployment_with_each_owners_own_file_and_verifier(tmp_path):
-    """SuperNodes that bring their own JSONL and reward: clients train and evaluate on their own rows."""
-    rows = {"arith": [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(5)],
-            "words": [{"prompt": f"rev:{w}=", "answer": w[::-1]} for w in ["cat", "dog", "sun", "map", "pen"] * 5]}
-    for name, data in rows.items():
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-    out = tmp_path / "run"
-    overrides = f"{TINY_RUN_CONFIG} scenario='user-data' cache-dir='{tmp_path / 'cache'}' out='{out}'"
-    nodes = [f'data="{tmp_path / "arith.jsonl"}" reward="math" client-id="school-a"',  # a name of its choosing
-             f'data="{tmp_path / "words.jsonl"}" reward="exact"']
-    done = subprocess.run([str(ROOT / "scripts" / "local-deployment.sh"), "2", "2", overrides, *nodes],
-                          env={**os.environ, "FGRPO_DEPLOY_DIR": str(tmp_path / "deploy")}, timeout=280,
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    clients = [(r["round"], r["client_id"], r["reward_scale"]) for r in metrics if r["kind"] == "client"]
-    assert sorted(clients) == [(1, "school-a", "math"), (1, "words", "exact"), (2, "school-a", "math"),
-                               (2, "words", "exact")]
-    evals = [r for r in metrics if r["kind"] == "eval"]
-    assert [r["round"] for r in evals] == [0, 1, 2]
-    assert all({"accuracy/arith", "accuracy/words"} <= set(r) for r in evals)  # measured on the owners' rows
-
-
 def test_run_survives_a_supernode_stopped_mid_run(tmp_path):
-    """Stop one of two SuperNodes after round 1: the run finishes with the other, and the lost
-    client's absence is a warning row, not a crash."""
+    """Stop one of two SuperNodes after round 1: the run finishes with the other. The nodes name
+    themselves (client-id), and the server's rows use those names."""
     work, out = tmp_path / "deploy", tmp_path / "run"
-    overrides = f"{TINY_RUN_CONFIG} client-timeout=150.0 cache-dir='{tmp_path / 'cache'}' out='{out}'"
-    proc = subprocess.Popen([str(ROOT / "scripts" / "local-deployment.sh"), "2", "3", overrides],
+    overrides = f"{TINY_RUN_CONFIG} client-timeout=45.0 cache-dir='{tmp_path / 'cache'}' out='{out}'"
+    nodes = ['partition-id=0 client-id="owner-a"', 'partition-id=1 client-id="owner-b"']  # ids of their choosing
+    proc = subprocess.Popen([str(ROOT / "scripts" / "local-deployment.sh"), "2", "3", overrides, *nodes],
                             env={**os.environ, "FGRPO_DEPLOY_DIR": str(work)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
     deadline = time.time() + 200
@@ -180,5 +159,5 @@ def test_run_survives_a_supernode_stopped_mid_run(tmp_path):
     assert [r["round"] for r in rows if r["kind"] == "eval"] == [0, 1, 2, 3]
     per_round = {rnd: sorted(r["client_id"] for r in rows if r["kind"] == "client" and r["round"] == rnd)
                  for rnd in (1, 2, 3)}
-    assert len(per_round[1]) == 2 and len(per_round[3]) == 1  # both, then the survivor alone
+    assert per_round[1] == ["owner-a", "owner-b"] and per_round[3] == ["owner-a"]  # both, then the survivor
     assert not any(group_alive(p) for p in pids)

@@ -108,21 +108,30 @@ def test_local_grpo_with_kl_and_mu(tiny_lora):
     assert not torch.allclose(base_logits, model(input_ids=ids).logits)
 
 
-def test_fedprox_term_keeps_the_update_closer_to_the_start(tiny_lora):
-    model, tokenizer = tiny_lora
-    params = [p for p in model.parameters() if p.requires_grad]
-    start = [p.detach().clone() for p in params]
+def test_fedprox_term_adds_mu_times_the_drift_to_the_gradient():
+    """With SGD and no clipping, step 1 is the same with or without the proximal term (theta equals
+    the anchor), so step 2 sees the same rollouts and differs by exactly lr * mu * (theta_1 - theta_0)."""
+    tokenizer = char_tokenizer()
     train = tasks.train_split("spell_backward", 16, seed=0)
     reward = lambda ex, text: float(len(text))
-    norms = {}
-    for mu in (0.0, 1.0):
-        for p, s in zip(params, start):
-            p.data.copy_(s)
+
+    starts = []
+
+    def trained(steps: int, mu: float) -> list[torch.Tensor]:
+        model = add_lora(build_tiny_model(tokenizer, seed=0), r=4, alpha=8, dropout=0.0, seed=0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        starts.append([p.detach().clone() for p in params])
         torch.manual_seed(0)
-        opt = torch.optim.SGD(params, lr=0.5)
-        cfg = GRPOSettings(local_steps=4, prompts_per_step=2, group_size=4, max_new_tokens=5, proximal_mu=mu,
-                           max_grad_norm=0.0)
-        result = local_grpo(model, tokenizer, opt, prompt_batches(train, 2, 0), reward, cfg)
-        norms[mu] = sum(float(((p - s) ** 2).sum()) for p, s in zip(params, start)) ** 0.5
+        cfg = GRPOSettings(local_steps=steps, prompts_per_step=2, group_size=4, max_new_tokens=5,
+                           proximal_mu=mu, max_grad_norm=0.0)
+        result = local_grpo(model, tokenizer, torch.optim.SGD(params, lr=0.5), prompt_batches(train, 2, 0),
+                            reward, cfg)
         assert ("proximal_term" in result.metrics) == (mu > 0)
-    assert 0 < norms[1.0] < 0.8 * norms[0.0]
+        return [p.detach().clone() for p in params]
+
+    one, plain, prox = trained(1, 0.0), trained(2, 0.0), trained(2, 2.0)
+    assert all(torch.equal(a, b) for a, b in zip(starts[0], starts[2]))  # the same seeded init
+    drift = [a - b for a, b in zip(one, starts[0])]
+    assert any(d.abs().max() > 0 for d in drift)
+    for p0, p2, d in zip(plain, prox, drift):
+        assert torch.allclose(p2, p0 - 0.5 * 2.0 * d, atol=1e-6)
