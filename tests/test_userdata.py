@@ -7,7 +7,7 @@ import pytest
 from fgrpo import userdata
 from fgrpo.cli import main
 from fgrpo.config import ConfigError
-from fgrpo.tasks import Example, correctness
+from fgrpo.tasks import Example, GuardedReward, correctness
 from tiny import TINY
 
 ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(5)]
@@ -76,7 +76,7 @@ def test_failing_reward_scores_zero_and_is_counted():
     def flaky(prompt, completion, answer):
         return 1 / 0 if completion == "boom" else (float("nan") if completion == "nan" else 1.0)
 
-    reward = userdata.SafeReward("flaky", flaky)
+    reward = GuardedReward(userdata.OwnerReward("flaky", flaky))
     example = Example("owner", "p", "a", {})
     assert [reward(example, c) for c in ("ok", "boom", "nan", "ok")] == [1.0, 0.0, 0.0, 1.0]
     assert reward.take_failures() == (2, 4) and reward.take_failures() == (0, 0)

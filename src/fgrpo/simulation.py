@@ -109,9 +109,12 @@ class Federation:
         self.local_adapters: dict[str, Adapter] = {}  # local-only: each client's own adapter
         if cfg.strategy == "local-only":
             self.local_adapters = {c.client_id: clone(self.global_adapter) for c in self.clients}
+        for client in self.clients:  # the failure policy for every verifier, built-in or the owner's
+            client.reward = tasks.GuardedReward(client.reward)
         if self.clients:
             total_steps = sum(self.local_steps(c) for c in self.clients) * self.clients_per_round / len(self.clients)
             self.pooled = tasks.pooled_client(self.clients, max(1, round(total_steps)))
+            self.pooled.reward = tasks.GuardedReward(self.pooled.reward)
 
     def local_steps(self, client: tasks.ClientSpec) -> int:
         return client.local_steps or self.cfg.local_steps
@@ -131,9 +134,8 @@ class Federation:
         result = local_grpo(self.model, self.tokenizer, self.optimizer, batches, client.reward,
                             settings, correctness_fn=tasks.correctness)
         seconds = time.perf_counter() - t0  # local training only: swapping counts as overhead
-        if hasattr(client.reward, "take_failures"):  # user verifiers: failed samples scored 0, counted
-            failed, total = client.reward.take_failures()
-            result.metrics["reward_failures"] = failed / max(total, 1)
+        failed, total = client.reward.take_failures()  # samples whose reward raised or was not finite
+        result.metrics["reward_failures"] = failed / max(total, 1)
         local = get_peft_model_state_dict(self.model)
         delta = {k: (local[k] - start[k]).detach().clone() for k in start}
         stats = aggregation.ClientStats(client.client_id, result.num_prompts, result.reward_start,

@@ -14,6 +14,7 @@ with other seeds and never contain a test prompt.
 from __future__ import annotations
 
 import difflib
+import math
 import random
 import zlib
 from collections import Counter
@@ -202,6 +203,38 @@ class RewardScale:
         if self.name == "signed":
             return 1.0 if score >= 1.0 else -1.0
         raise ValueError(f"unknown reward scale {self.name!r}")
+
+
+class GuardedReward:
+    """Every client's reward as training sees it: a sample whose reward raises or is not finite
+    scores 0 and is counted (``take_failures``); one bad sample never stops a client."""
+
+    def __init__(self, reward: RewardFn):
+        self.reward = reward
+        self.name = getattr(reward, "name", "custom")
+        self.range = getattr(reward, "range", 1.0)
+        self.failures = self.calls = 0
+        self.last_error = ""
+
+    def __call__(self, example: Example, completion: str) -> float:
+        self.calls += 1
+        try:
+            value = float(self.reward(example, completion))
+        except Exception as err:  # a verifier's bug or outage costs this sample, not the client
+            self.failures += 1
+            self.last_error = f"{type(err).__name__}: {err}"
+            return 0.0
+        if not math.isfinite(value):
+            self.failures += 1
+            self.last_error = f"non-finite value {value}"
+            return 0.0
+        return value
+
+    def take_failures(self) -> tuple[int, int]:
+        """(failed samples, all samples) since the last call."""
+        out = (self.failures, self.calls)
+        self.failures = self.calls = 0
+        return out
 
 
 REWARD_SCALES = {s.name: s for s in [RewardScale("x1", 1.0), RewardScale("x10", 10.0),

@@ -14,7 +14,7 @@ Rewards (``rewards`` option, one per source or one for all), each a verifier wit
     rg:<dataset>   reasoning-gym's scorer of that dataset on {"answer": answer}
     module:func    your function func(prompt, completion, answer) -> float
 A reward that raises or returns a non-finite value scores that sample 0 and is counted
-(``reward_failures``); it never stops the client.
+(``reward_failures``, by ``tasks.GuardedReward``, as for every client); it never stops the client.
 """
 
 from __future__ import annotations
@@ -176,32 +176,18 @@ def resolve_reward(name: str):
     raise ConfigError(f"rewards: {name!r} is not known; use exact, math, rg:<dataset> or module:function")
 
 
-class SafeReward:
-    """A client's reward: its verifier on (prompt, completion, answer); a sample whose verifier
-    raises or returns a non-finite value gets 0, counted in ``failures``."""
+class OwnerReward:
+    """A data owner's reward: its verifier on (prompt, completion, answer), in [0, 1]. Failures are
+    handled where every client's reward is (``tasks.GuardedReward``)."""
 
     range = 1.0
 
     def __init__(self, name: str, verifier):
         self.name = name
         self.verifier = verifier
-        self.failures = 0
-        self.calls = 0
-        self.last_error = ""
 
     def __call__(self, example: Example, completion: str) -> float:
-        self.calls += 1
-        value, error = safe_score(self.verifier, example, completion)
-        if error:
-            self.failures += 1
-            self.last_error = error
-        return value
-
-    def take_failures(self) -> tuple[int, int]:
-        """(failed samples, all samples) since the last call."""
-        out = (self.failures, self.calls)
-        self.failures = self.calls = 0
-        return out
+        return float(self.verifier(example.prompt, completion, example.answer))
 
 
 @dataclass
@@ -209,7 +195,7 @@ class OwnerData:
     name: str  # the task name this owner's prompts are evaluated under (the file's stem)
     train: list[Example]
     test: list[Example]
-    reward: SafeReward
+    reward: OwnerReward
     skipped: int
     first_errors: list[str]
 
@@ -223,7 +209,7 @@ def load_owner(source: str, reward_name: str, prompt_column: str, answer_column:
     if name in TASKS:
         raise ConfigError(f"data: {source!r} is named like the built-in task {name!r}; rename the file")
     verifier = resolve_reward(reward_name)
-    reward = SafeReward(reward_name, verifier)
+    reward = OwnerReward(reward_name, verifier)
     register_verifier(name, lambda example, completion: safe_score(verifier, example, completion)[0])
     examples = [Example(name, r["prompt"], r["answer"], {"answer": r["answer"]}) for r in loaded.rows]
     order = list(range(len(examples)))
