@@ -74,6 +74,10 @@ address = "127.0.0.1:$LINK_PORT"
 $CONNECTION
 TOML
 
+# N SuperNodes share this machine's cores: each ClientApp gets its share of threads (with the
+# default, every process runs one thread per core and OpenMP oversubscription slows training ~10x)
+THREADS=$(( $(nproc) / N ))
+[ "$THREADS" -ge 1 ] || THREADS=1
 for k in $(seq 0 $((N - 1))); do
     if [ "${FGRPO_SECURE:-0}" = 1 ]; then
         flwr supernode register "$CERTS/node-$k.pub" local-deployment > "$WORK/register-$k.log" 2>&1
@@ -81,7 +85,7 @@ for k in $(seq 0 $((N - 1))); do
     else
         NODE_SECURITY=(--insecure)
     fi
-    setsid flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$LINK_PORT" --port "$(free_port)" \
+    OMP_NUM_THREADS=$THREADS setsid flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$LINK_PORT" --port "$(free_port)" \
         --node-config "${NODE_CONFIGS[$k]:-partition-id=$k num-partitions=$N}" > "$WORK/supernode-$k.log" 2>&1 &
     PIDS+=($!)
     echo "$!" >> "$WORK/pids"
