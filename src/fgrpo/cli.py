@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fgrpo.config import ConfigError, RunConfig, build_config, config_fields
+from fgrpo.config import ConfigError, RunConfig, build_config, comma_list, config_fields
 
 
 def _option(name: str) -> str:
@@ -105,12 +105,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     plan = load_preset(args.preset) if args.preset else Plan([], [], [0, 1, 2])
     if args.strategies:
-        plan.strategies = _names(args.strategies)
+        plan.strategies = comma_list(args.strategies)
     if args.scenarios:
-        plan.scenarios = _names(args.scenarios)
+        plan.scenarios = comma_list(args.scenarios)
     if args.seeds:
         try:
-            plan.seeds = [int(s) for s in _names(args.seeds)]
+            plan.seeds = [int(s) for s in comma_list(args.seeds)]
         except ValueError:
             raise ConfigError(f"seeds = {args.seeds!r}: give comma-separated integers such as 0,1,2") from None
     if args.target is not None:
@@ -123,10 +123,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("compare") / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_comparison(plan, out, jobs=args.jobs)
     return 0
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

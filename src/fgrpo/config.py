@@ -192,10 +192,23 @@ class RunConfig:
 
     @property
     def task_list(self) -> tuple[str, ...]:
-        return tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+        return tuple(comma_list(self.tasks))
+
+    @property
+    def data_sources(self) -> list[str]:
+        return comma_list(self.data)
+
+    @property
+    def reward_names(self) -> list[str]:
+        return comma_list(self.rewards)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def comma_list(text: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _looks_like_path(model: str) -> bool:

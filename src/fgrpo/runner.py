@@ -184,8 +184,7 @@ def evaluate_saved(adapter: str | None, model: str | None, task_names: str | Non
     if cfg.scenario == "user-data" and cfg.data.strip():  # the owners' held-out rows, as in the run
         from fgrpo.userdata import build_clients
 
-        names = lambda text: [x.strip() for x in text.split(",") if x.strip()]
-        _, test_sets, _ = build_clients(names(cfg.data), names(cfg.rewards), cfg.prompt_column,
+        _, test_sets, _ = build_clients(cfg.data_sources, cfg.reward_names, cfg.prompt_column,
                                         cfg.answer_column, cfg.skip_bad_rows, cfg.eval_size)
     else:
         test_sets = {t: test_split(t, cfg.eval_size) for t in cfg.task_list}

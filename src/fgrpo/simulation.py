@@ -88,7 +88,7 @@ class Federation:
                                   "each SuperNode names its own with --node-config 'data=\"FILE\" reward=\"NAME\"')")
 
             self.clients, self.test_sets, self.notes = userdata.build_clients(
-                _names(cfg.data), _names(cfg.rewards), cfg.prompt_column, cfg.answer_column, cfg.skip_bad_rows,
+                cfg.data_sources, cfg.reward_names, cfg.prompt_column, cfg.answer_column, cfg.skip_bad_rows,
                 cfg.eval_size)
         else:
             self.clients = tasks.build_scenario(cfg.scenario, cfg.num_clients, cfg.train_size, cfg.seed,
@@ -319,10 +319,6 @@ def delta_problem(delta: Adapter, reference: Adapter) -> str | None:
         if not torch.isfinite(value).all():
             return f"tensor {name} has non-finite values"
     return None
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def update_norm(delta: Adapter) -> float:
