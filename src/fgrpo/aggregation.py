@@ -178,23 +178,33 @@ def lora_product_error(global_params: dict[str, torch.Tensor], deltas: list[dict
                        weights: list[float]) -> float:
     """How far averaging LoRA factors separately is from averaging the updates they make.
 
-    For each adapted layer, with B_k = B + dB_k and A_k = A + dA_k:
+    For each adapted layer, with B_k = B + dB_k and A_k = A + dA_k (and sum_k w_k = 1):
         exact  = sum_k w_k B_k A_k             (what averaging the full weight updates would give)
         fedit  = (sum_k w_k B_k)(sum_k w_k A_k) (what averaging A and B separately gives)
+        exact - fedit = sum_k w_k (B_k - B_bar)(A_k - A_bar)
+        exact - B A   = sum_k w_k dB_k A_k + B dA_bar
     returns ||exact - fedit||_F / ||exact - B A||_F over all layers (0 when A is shared and frozen).
+    Each difference is one product U V of thin factors, and ||U V||_F^2 = tr((U^T U)(V V^T)) needs
+    only (K r x K r) matrices: never a full d_out x d_in weight.
     """
     num = den = 0.0
     for a_name in (k for k in global_params if "lora_A" in k):
         b_name = a_name.replace("lora_A", "lora_B")
         a, b = global_params[a_name].double(), global_params[b_name].double()
-        a_k = [a + d[a_name].double() for d in deltas]
-        b_k = [b + d[b_name].double() for d in deltas]
-        exact = sum(w * bk @ ak for w, bk, ak in zip(weights, b_k, a_k))
-        fedit = sum(w * bk for w, bk in zip(weights, b_k)) @ sum(w * ak for w, ak in zip(weights, a_k))
-        num += float(((exact - fedit) ** 2).sum())
-        den += float(((exact - b @ a) ** 2).sum())
-    # 6 significant digits: the float64 matmuls may differ in the last bits between runs (thread splits)
+        d_a = [d[a_name].double() for d in deltas]
+        d_b = [d[b_name].double() for d in deltas]
+        d_a_bar = sum(w * x for w, x in zip(weights, d_a))
+        d_b_bar = sum(w * x for w, x in zip(weights, d_b))
+        num += _product_norm_sq([w * (x - d_b_bar) for w, x in zip(weights, d_b)], [x - d_a_bar for x in d_a])
+        den += _product_norm_sq([w * x for w, x in zip(weights, d_b)] + [b], [a + x for x in d_a] + [d_a_bar])
+    # 6 significant digits: the float64 products may differ in the last bits between runs (thread splits)
     return float(f"{math.sqrt(num / den):.6g}") if den > 0 else 0.0
+
+
+def _product_norm_sq(lefts: list[torch.Tensor], rights: list[torch.Tensor]) -> float:
+    """||sum_i L_i R_i||_F^2 = tr((U^T U)(V V^T)) with U = [L_1 .. L_n], V = [R_1; ..; R_n]."""
+    u, v = torch.cat(lefts, dim=1), torch.cat(rights, dim=0)
+    return max(float(((u.T @ u) * (v @ v.T)).sum()), 0.0)
 
 
 def pseudo_gradient(deltas: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

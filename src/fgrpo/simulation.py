@@ -111,7 +111,7 @@ class Federation:
             self.local_adapters = {c.client_id: clone(self.global_adapter) for c in self.clients}
         for client in self.clients:  # the failure policy for every verifier, built-in or the owner's
             client.reward = tasks.GuardedReward(client.reward)
-        if self.clients:
+        if cfg.strategy == "centralized" and self.clients:
             total_steps = sum(self.local_steps(c) for c in self.clients) * self.clients_per_round / len(self.clients)
             self.pooled = tasks.pooled_client(self.clients, max(1, round(total_steps)))
             self.pooled.reward = tasks.GuardedReward(self.pooled.reward)
