@@ -41,7 +41,7 @@ def main() -> None:
     ids = enc["input_ids"].repeat_interleave(cfg.group_size, 0)
     mask = enc["attention_mask"].repeat_interleave(cfg.group_size, 0)
     gen_config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
-                                  top_p=cfg.top_p, top_k=None, eos_token_id=tokenizer.eos_token_id,
+                                  top_p=cfg.top_p, top_k=0, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
 
     def ours() -> int:

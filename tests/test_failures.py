@@ -6,13 +6,13 @@ import torch
 
 from fgrpo.config import build_config
 from fgrpo.simulation import Federation, RoundFailed
-from tiny import TINY
+from tiny import MOVING, TINY
 
 OPTIONS = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
 
 
 def federation(tmp_path, **extra) -> Federation:
-    return Federation(build_config(overrides={**OPTIONS, "num_clients": 3, "cache_dir": str(tmp_path), **extra}))
+    return Federation(build_config(overrides={**OPTIONS, "num_clients": 3, **MOVING, **extra}))
 
 
 def corrupt(fed: Federation, client_id: str, change) -> None:

@@ -18,7 +18,7 @@ from fgrpo.aggregation import ClientStats
 from fgrpo.cli import main
 from fgrpo.flower import task
 from fgrpo.simulation import ClientUpdate
-from tiny import TINY
+from tiny import MOVING, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN_CONFIG = " ".join(f"{TINY[i][2:]}={TINY[i + 1]}" for i in range(0, len(TINY), 2))
@@ -113,7 +113,8 @@ def test_local_deployment_with_tls_and_supernode_auth(tmp_path):
     deployment runs in the next test and in tests/test_tutorial.py)."""
     secure = True
     work, out = tmp_path / "deploy", tmp_path / "run"
-    overrides = f"{TINY_RUN_CONFIG} cache-dir='{tmp_path / 'cache'}' out='{out}'"
+    moving = TINY_RUN_CONFIG.replace("warm-start-steps=2", f"warm-start-steps={MOVING['warm_start_steps']}")
+    overrides = f"{moving} cache-dir='{MOVING['cache_dir']}' out='{out}'"
     started = time.perf_counter()
     env = {**os.environ, "FGRPO_DEPLOY_DIR": str(work), "FGRPO_SECURE": "1" if secure else "0"}
     done = subprocess.run([str(ROOT / "scripts" / "local-deployment.sh"), "2", "2", overrides], env=env,

@@ -79,6 +79,82 @@ def test_rollouts_mask_stops_at_eos_and_logps_match_generate(tiny_lora):
     assert torch.allclose(batch[3][m], alone[0][m], atol=1e-5)
 
 
+def full_sequence_logps(model, r):
+    """The textbook computation: one forward over the N full prompt+completion sequences."""
+    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+    mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
+    c = r.completion_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                   logits_to_keep=c + 1).logits[:, :-1].float()
+    return torch.gather(torch.log_softmax(logits, -1), 2, r.completion_ids[..., None])[..., 0]
+
+
+def test_shared_prompt_forward_equals_full_forward_values_and_gradients(tiny_lora):
+    """Prompts run once per group (KV cache repeated G times): same log-probs, loss and LoRA
+    gradients as one forward over every full sequence, on a ragged, left-padded batch."""
+    model, tokenizer = tiny_lora
+    for name, p in model.named_parameters():  # a non-zero B so that the adapter matters
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    r = generate(model, tokenizer, ["rev:abcdef=", "12+3=", "x"], num_per_prompt=4, max_new_tokens=6)
+    assert r.group_size == 4 and r.prompt_mask[4:].sum() < r.prompt_mask[:4].sum()  # padded rows
+    params = [p for p in model.parameters() if p.requires_grad]
+    advantages = torch.randn(12, generator=torch.Generator().manual_seed(2))
+    results = []
+    for logps_fn in (per_token_logps, full_sequence_logps):
+        model.train()
+        logps = logps_fn(model, r)
+        loss, _ = grpo_loss(logps, None, None, advantages, r.completion_mask)
+        loss.backward()
+        results.append((logps.detach(), loss.item(), [p.grad.clone() for p in params]))
+        model.zero_grad(set_to_none=True)
+    (shared, shared_loss, shared_grads), (full, full_loss, full_grads) = results
+    m = r.completion_mask.bool()
+    assert torch.allclose(shared[m], full[m], atol=1e-5)
+    assert abs(shared_loss - full_loss) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(shared_grads, full_grads))
+    assert any(g.abs().sum() > 0 for g in shared_grads)
+
+
+def test_shared_prefill_generates_the_same_tokens(tiny_lora):
+    model, tokenizer = tiny_lora
+    prompts = ["rev:abcdef=", "12+3=", "x"]
+    shared = generate(model, tokenizer, prompts, num_per_prompt=3, max_new_tokens=6, greedy=True)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        full = model.generate(input_ids=enc["input_ids"].repeat_interleave(3, 0),
+                              attention_mask=enc["attention_mask"].repeat_interleave(3, 0), do_sample=False,
+                              max_new_tokens=6, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    n = shared.completion_ids.shape[1]
+    assert torch.equal(shared.completion_ids, full[:, -n:]) and full.shape[1] == enc["input_ids"].shape[1] + n
+
+
+def test_rollouts_on_merged_lora_weights_match_the_adapter_and_leave_the_base_untouched(tiny_lora):
+    model, tokenizer = tiny_lora
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(3))
+    weights = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    prompts = ["rev:abcdef=", "12+3=", "x"]
+    merged = generate(model, tokenizer, prompts, 2, 6, greedy=True, merge=True)
+    plain = generate(model, tokenizer, prompts, 2, 6, greedy=True, merge=False)
+    assert torch.equal(merged.completion_ids, plain.completion_ids)
+    now = dict(model.named_parameters())
+    assert now.keys() == weights.keys()
+    assert all(now[n] is p and torch.equal(p, saved) for n, (p, saved) in weights.items())  # same tensors, same bits
+
+
+def test_sampling_uses_the_whole_vocabulary():
+    """top_k = 0: rollouts sample from the policy, not from transformers' default top 50."""
+    tokenizer = char_tokenizer()
+    model = add_lora(build_tiny_model(tokenizer, seed=0), r=4, alpha=8, dropout=0.0, seed=0)  # ~uniform logits
+    torch.manual_seed(0)
+    r = generate(model, tokenizer, ["a"] * 8, 64, max_new_tokens=1, temperature=3.0)
+    assert len(set(r.completion_ids[:, 0].tolist())) > 60 and len(tokenizer) > 90
+
+
 def test_local_grpo_changes_only_the_adapter(tiny_lora):
     model, tokenizer = tiny_lora
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -14,6 +14,7 @@ from fgrpo.cli import main
 from fgrpo.config import build_config, config_fields
 from fgrpo.model import build_tiny_model, char_tokenizer, embedded_model_path
 from fgrpo.tasks import DEFAULT_TASKS
+from tiny import MOVING_ARGS
 from tiny import TINY as TINY_ARGS
 
 TINY = ["--rounds", "2", *TINY_ARGS]
@@ -167,8 +168,8 @@ def test_a_finished_run_directory_is_not_overwritten(run_dir, capsys):
 
 def test_ffa_keeps_lora_a_frozen_and_aggregation_exact(tmp_path):
     out = tmp_path / "run"
-    assert main(["run", *TINY, "--rounds", "2", "--lora-aggregation", "ffa", "--checkpoint-keep", "5",
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    assert main(["run", *TINY, *MOVING_ARGS, "--rounds", "2", "--lora-aggregation", "ffa", "--checkpoint-keep", "5",
+                 "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     server = [r for r in rows if r["kind"] == "server"]
     assert len(server) == 2 and all(r["lora_product_error"] < 1e-9 for r in server)

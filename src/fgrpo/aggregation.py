@@ -207,6 +207,11 @@ def _product_norm_sq(lefts: list[torch.Tensor], rights: list[torch.Tensor]) -> f
     return max(float(((u.T @ u) * (v @ v.T)).sum()), 0.0)
 
 
+def update_norm(delta: dict[str, torch.Tensor]) -> float:
+    """||delta||_2 over all adapter tensors."""
+    return math.sqrt(sum(float((d.float() ** 2).sum()) for d in delta.values()))
+
+
 def pseudo_gradient(deltas: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
     """Delta = sum_k w_k * delta_k, in float32."""
     return {name: sum(w * d[name].to(torch.float32) for w, d in zip(weights, deltas)) for name in deltas[0]}

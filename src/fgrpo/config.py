@@ -94,6 +94,8 @@ class RunConfig:
                                "(common practice; the average of products B_k A_k is only approximated, "
                                "see lora_product_error); 'ffa': A stays at its shared seeded init and only "
                                "B is trained, so averaging B is exact (FFA-LoRA).")
+    delta_dtype: str = _f("float32", "Precision of the update a client sends: 'float32', or 'bfloat16' / "
+                          "'float16' (half the bytes; the server aggregates in float32).")
     # --- server ---------------------------------------------------------------------------------
     server_lr: float = _f(1.0, "Server learning rate eta: theta += eta * sum_k w_k * delta_k (with "
                           "'sgd'; the step size of adam / yogi, where 0.01 is a sane start).")
@@ -118,6 +120,16 @@ class RunConfig:
     warm_start_steps: int = _f(800, "Supervised warm-start steps of the embedded model.")
     checkpoint_every: int = _f(1, "Write a checkpoint every N rounds (and after the last one).")
     checkpoint_keep: int = _f(2, "How many of the newest checkpoints to keep.")
+    # --- privacy (docs/privacy.md) ----------------------------------------------------------------
+    dp: str = _f("off", "Differential privacy on client updates: 'off'; 'server' (the server clips each "
+                 "update and noises the weighted sum), 'client' (clients clip, the server noises) or 'local' "
+                 "(clients clip and noise).")
+    dp_clip: float = _f(1.0, "Clipping norm C of each client's update (L2 over the adapter), > 0.")
+    dp_noise: float = _f(1.0, "Noise multiplier sigma: the noise std is sigma * C * max_k w_k on the weighted "
+                         "sum (central) or sigma * C on each update (local), > 0.")
+    dp_delta: float = _f(1e-5, "delta of the reported (epsilon, delta) guarantee, in (0, 1).")
+    dp_stats_noise: float = _f(0.0, "Noise multiplier sigma_s on each client's r_start, r_end and reward std "
+                               "(clipped to [0, reward range]); 0 sends them as they are. Needs dp != 'off'.")
     # --- failing clients --------------------------------------------------------------------------
     min_clients: int = _f(1, "Fewest accepted client updates a round needs; with fewer the run stops with a "
                           "clear message, its last checkpoint valid (--resume retries the round).")
@@ -131,7 +143,8 @@ class RunConfig:
         choices = {
             "scenario": SCENARIOS, "strategy": STRATEGIES, "loss_type": LOSS_TYPES,
             "gain_form": GAIN_FORMS, "scale_rewards": SCALE_REWARDS, "server_optimizer": SERVER_OPTIMIZERS,
-            "lora_aggregation": ("fedit", "ffa"),
+            "lora_aggregation": ("fedit", "ffa"), "delta_dtype": ("float32", "bfloat16", "float16"),
+            "dp": ("off", "server", "client", "local"),
             "device": ("auto", "cpu", "cuda"),
         }
         for key, valid in choices.items():
@@ -180,6 +193,16 @@ class RunConfig:
         _check("uniform_mix", self.uniform_mix, 0 <= self.uniform_mix <= 1, "0 <= value <= 1")
         _check("baseline_momentum", self.baseline_momentum, 0 <= self.baseline_momentum < 1,
                "0 <= value < 1")
+        _check("dp_clip", self.dp_clip, self.dp_clip > 0, "> 0")
+        _check("dp_noise", self.dp_noise, self.dp_noise > 0, "> 0")
+        _check("dp_delta", self.dp_delta, 0 < self.dp_delta < 1, "0 < dp_delta < 1")
+        _check("dp_stats_noise", self.dp_stats_noise, self.dp_stats_noise >= 0, ">= 0 (0: statistics sent as they are)")
+        if self.dp != "off" and self.strategy in ("local-only", "centralized"):
+            raise ConfigError(f"dp = {self.dp!r} applies to federated strategies; strategy = {self.strategy!r} "
+                              "has no aggregation to protect")
+        if self.dp_stats_noise > 0 and self.dp == "off":
+            raise ConfigError(f"dp_stats_noise = {self.dp_stats_noise} needs dp = 'server', 'client' or 'local' "
+                              "(the statistics alone would be private while the updates are not)")
         if self.device == "cuda":
             import torch
 

@@ -29,10 +29,13 @@ for left-padded prompts. All of this matches TRL's GRPOTrainer loss (tests/test_
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import GenerationConfig
 
 from fgrpo.tasks import Example
@@ -49,22 +52,66 @@ class Rollouts:
     completion_ids: torch.Tensor  # [N, C]
     completion_mask: torch.Tensor  # [N, C] 1 up to and including the first EOS
     texts: list[str]  # N decoded completions (without EOS)
+    group_size: int = 1  # G: rows i*G .. i*G+G-1 share one prompt
 
 
-@torch.no_grad()
+def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, position_ids: torch.Tensor,
+                        group_size: int, logits_to_keep: int = 0):
+    """Run each distinct prompt once and repeat its KV cache for its G completions.
+
+    ``prompt_ids`` etc. are [N, L] with groups of G identical rows; the forward runs on rows
+    0, G, 2G, ... ([B, L]), so prompt tokens cost B instead of B*G token positions. The cache is
+    repeated with ``repeat_interleave`` (differentiable: gradients reach the prompt positions as
+    in a full forward). Returns (model output, cache of N rows)."""
+    out = model(input_ids=prompt_ids[::group_size], attention_mask=prompt_mask[::group_size],
+                position_ids=position_ids[::group_size], use_cache=True, logits_to_keep=logits_to_keep)
+    out.cache.batch_repeat_interleave(group_size)
+    return out, out.cache
+
+
+@contextmanager
+def merged_lora(model):
+    """Run inside with each LoRA layer's weight replaced by W + s * B A and the adapter branch off:
+    one matmul per linear layer instead of three, for rollouts and evaluation (no gradients).
+    The original weight tensors are put back untouched afterwards (no in-place merge and unmerge,
+    whose rounding would drift the frozen base). Costs a transient copy of the adapted weights."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and m.active_adapters]
+    originals = [m.get_base_layer().weight for m in layers]
+    with torch.no_grad():
+        for m in layers:
+            base = m.get_base_layer()
+            delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
+            base.weight = torch.nn.Parameter(base.weight + delta, requires_grad=False)
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for m, weight in zip(layers, originals):
+            m.get_base_layer().weight = weight
+
+
 def generate(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> Rollouts:
-    """Sample ``num_per_prompt`` completions per prompt in one batched, KV-cached generate call."""
+             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, merge: bool = True) -> Rollouts:
+    """Sample ``num_per_prompt`` completions per prompt in one batched, KV-cached generate call
+    (inference mode; with ``merge``, on merged LoRA weights); with several per prompt, the prompt's
+    first P-1 tokens are prefilled once and shared."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     prompt_ids = enc["input_ids"].repeat_interleave(num_per_prompt, dim=0).to(device)  # [N, P]
     prompt_mask = enc["attention_mask"].repeat_interleave(num_per_prompt, dim=0).to(device)
-    gen_config = GenerationConfig(
+    gen_config = GenerationConfig(  # top_k = 0: sample from the policy itself, not its top 50
         max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p, top_k=None, eos_token_id=tokenizer.eos_token_id,
+        top_p=None if greedy else top_p, top_k=None if greedy else 0, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, use_cache=True)
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
-    completion_ids = out[:, prompt_ids.shape[1]:]  # [N, C]
+    with torch.inference_mode(), merged_lora(model) if merge and isinstance(model, PeftModel) else nullcontext():
+        cache = None
+        if num_per_prompt > 1 and prompt_ids.shape[1] > 1:  # generate then runs only the last prompt token
+            positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+            _, cache = shared_prompt_cache(model, prompt_ids[:, :-1], prompt_mask[:, :-1], positions[:, :-1],
+                                           num_per_prompt, logits_to_keep=1)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, cache=cache,
+                             generation_config=gen_config)
+    completion_ids = out[:, prompt_ids.shape[1]:].clone()  # [N, C]; clone: a normal tensor for autograd
     is_eos = completion_ids == tokenizer.eos_token_id
     # index of the first EOS (or C when there is none); keep tokens up to and including it
     first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.shape[1])
@@ -72,17 +119,25 @@ def generate(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_
     completion_mask = (positions[None, :] <= first_eos[:, None]).long()  # [N, C]
     keep = (completion_mask.bool() & ~is_eos)
     texts = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion_ids, keep)]
-    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, num_per_prompt)
 
 
 def per_token_logps(model, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) for every completion token, [N, C]."""
-    input_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)  # [N, P+C]
-    attention_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
+    """log pi(o_t | q, o_<t) for every completion token, [N, C].
+
+    Two forwards: the B distinct prompts (their KV cache repeated G times), then the N completions
+    on that cache. Same values as one forward over the N full sequences (up to float rounding;
+    tests/test_grpo.py), with B*P + N*C token positions instead of N*(P+C)."""
+    p, c = rollouts.prompt_ids.shape[1], rollouts.completion_ids.shape[1]
+    attention_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)  # [N, P+C]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate does for left padding
-    c = rollouts.completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=c + 1).logits[:, :-1]  # [N, C, V]: logits predicting o_1..o_C
+    prompt, cache = shared_prompt_cache(model, rollouts.prompt_ids, rollouts.prompt_mask, position_ids[:, :p],
+                                        rollouts.group_size, logits_to_keep=1)
+    logits = prompt.logits[:, -1:].repeat_interleave(rollouts.group_size, dim=0)  # [N, 1, V]: predicts o_1
+    if c > 1:  # o_1 .. o_{C-1} predict o_2 .. o_C
+        rest = model(input_ids=rollouts.completion_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                     position_ids=position_ids[:, p:-1], cache=cache).logits  # [N, C-1, V]
+        logits = torch.cat([logits, rest], dim=1)
     logits = logits.float() / temperature
     return torch.gather(F.log_softmax(logits, dim=-1), 2, rollouts.completion_ids[..., None])[..., 0]
 

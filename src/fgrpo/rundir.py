@@ -67,6 +67,8 @@ def build_summary(cfg: RunConfig, rows: list[dict], wall_seconds: float, adapter
     first, last = evals[0], evals[-1]
     per_task = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("accuracy/")}
     initial = {k.split("/", 1)[1]: v for k, v in first.items() if k.startswith("accuracy/")}
+    spent = [r["epsilon"] for r in rows if r["kind"] == "server" and "epsilon" in r]
+    privacy = {"dp": cfg.dp, "epsilon": spent[-1], "dp_delta": cfg.dp_delta} if spent else {}
     return {
         "strategy": cfg.strategy, "scenario": cfg.scenario, "seed": cfg.seed, "rounds": cfg.rounds,
         "model": cfg.model,
@@ -77,6 +79,7 @@ def build_summary(cfg: RunConfig, rows: list[dict], wall_seconds: float, adapter
         "per_task_accuracy": per_task,
         "wall_seconds": wall_seconds,
         "adapter_path": str(adapter_path),
+        **privacy,
     }
 
 

@@ -12,7 +12,6 @@ One round:
 
 from __future__ import annotations
 
-import math
 import random
 import statistics
 import time
@@ -22,7 +21,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from fgrpo import aggregation, tasks
+from fgrpo import aggregation, privacy, tasks
+from fgrpo.aggregation import update_norm
 from fgrpo.config import ConfigError, RunConfig
 from fgrpo.evaluation import evaluate, summarize
 from fgrpo.grpo import GRPOSettings, local_grpo
@@ -140,6 +140,16 @@ class Federation:
         delta = {k: (local[k] - start[k]).detach().clone() for k in start}
         stats = aggregation.ClientStats(client.client_id, result.num_prompts, result.reward_start,
                                         result.reward_end, result.reward_std, client.reward.range)
+        if self.cfg.dp in ("client", "local"):  # clipping (and local noise) before anything leaves
+            delta, clipped = privacy.clip_update(delta, self.cfg.dp_clip)
+            result.metrics["dp_clipped"] = float(clipped)
+            if self.cfg.dp == "local":
+                delta = privacy.add_gaussian_noise(delta, self.cfg.dp_noise * self.cfg.dp_clip,
+                                                   derived_seed(seed, "dp-local"))
+        if self.cfg.dp_stats_noise > 0:
+            stats = privacy.privatize_stats(stats, self.cfg.dp_stats_noise, derived_seed(seed, "dp-stats"))
+        wire = getattr(torch, self.cfg.delta_dtype)  # what the client sends (float32 by default)
+        delta = {k: v.to(wire) for k, v in delta.items()}
         return ClientUpdate(stats, delta, result.metrics, seconds, client.task, client.reward.name)
 
     # --- server side --------------------------------------------------------------------------
@@ -202,14 +212,16 @@ class Federation:
         accepted, warnings = [], list(failed)
         reference = self.local_adapters or {None: self.global_adapter}
         adapter = next(iter(reference.values()))
+        wire = getattr(torch, self.cfg.delta_dtype)
         for u in updates:
-            reason = delta_problem(u.delta, adapter)
+            reason = delta_problem(u.delta, adapter, wire)
             if reason is None and self.cfg.client_timeout and u.seconds > self.cfg.client_timeout:
                 reason = f"took {u.seconds:.1f} s, over client_timeout = {self.cfg.client_timeout}"
             if reason:
                 warnings.append(warning_row(rnd, u.stats.client_id, reason))
             else:
-                accepted.append(u)
+                # aggregate in full precision
+                accepted.append(replace(u, delta={k: v.to(adapter[k].dtype) for k, v in u.delta.items()}))
         norms = [update_norm(u.delta) for u in accepted]
         moving = [n for n in norms if n > 0]  # a client whose groups all tied sends a zero update
         if self.cfg.max_norm_ratio and len(moving) > 2:
@@ -238,9 +250,19 @@ class Federation:
             server = {}
         else:
             deltas = [u.delta for u in updates]
+            server = {}
+            if self.cfg.dp == "server":  # the server clips what it received
+                clipped = [privacy.clip_update(d, self.cfg.dp_clip) for d in deltas]
+                deltas = [d for d, _ in clipped]
+                server["dp_clipped_fraction"] = sum(c for _, c in clipped) / len(clipped)
             delta = aggregation.pseudo_gradient(deltas, result.weights)
-            server = {"pseudo_gradient_norm": update_norm(delta),
-                      "lora_product_error": aggregation.lora_product_error(self.global_adapter, deltas, result.weights)}
+            server["lora_product_error"] = aggregation.lora_product_error(self.global_adapter, deltas, result.weights)
+            if self.cfg.dp in ("server", "client"):  # central DP: noise on the weighted sum
+                server["dp_noise_std"] = privacy.central_noise_std(self.cfg.dp_noise, self.cfg.dp_clip,
+                                                                   result.weights)
+                delta = privacy.add_gaussian_noise(delta, server["dp_noise_std"],
+                                                   derived_seed(self.cfg.seed, "dp-central", rnd))
+            server["pseudo_gradient_norm"] = update_norm(delta)
             self.global_adapter, self.server_state = aggregation.server_step(
                 self.global_adapter, delta, self.server_optimizer, self.server_state)
         self.client_baselines = result.client_baselines
@@ -253,11 +275,18 @@ class Federation:
                 "baseline": state.baseline if state else None, **u.metrics,
                 "update_norm": update_norm(u.delta), "train_seconds": u.seconds,
             })
+        if self.cfg.dp != "off":
+            server["epsilon"] = self.epsilon(rnd)
         if server:
             rows.append({"round": rnd, "kind": "server", **server})
         if self.eval_due(rnd) and self.test_sets:
             rows.append(self.eval_row(rnd))
         return rows
+
+    def epsilon(self, rounds: int) -> float:
+        """(epsilon, dp_delta) spent after ``rounds`` rounds (docs/privacy.md)."""
+        rate = 1.0 if self.cfg.dp == "local" else self.clients_per_round / len(self.clients)
+        return privacy.epsilon(rounds, self.cfg.dp_noise, rate, self.cfg.dp_delta, self.cfg.dp_stats_noise)
 
     def eval_due(self, rnd: int) -> bool:
         return rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds
@@ -307,23 +336,19 @@ def warning_row(rnd: int, client_id: str, reason: str) -> dict:
     return {"round": rnd, "kind": "warning", "client_id": client_id, "reason": reason}
 
 
-def delta_problem(delta: Adapter, reference: Adapter) -> str | None:
-    """Why ``delta`` cannot be applied to ``reference`` (names, shapes, dtypes, finiteness), or None."""
+def delta_problem(delta: Adapter, reference: Adapter, dtype: torch.dtype) -> str | None:
+    """Why ``delta`` (sent in ``dtype``) cannot be applied to ``reference`` (names, shapes, dtypes,
+    finiteness), or None."""
     if delta.keys() != reference.keys():
         missing, extra = sorted(reference.keys() - delta.keys()), sorted(delta.keys() - reference.keys())
         return f"tensors differ from the global adapter (missing {missing[:2]}, unexpected {extra[:2]})"
     for name, value in delta.items():
         ref = reference[name]
-        if value.shape != ref.shape or value.dtype != ref.dtype:
-            return f"tensor {name}: {tuple(value.shape)} {value.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
+        if value.shape != ref.shape or value.dtype != dtype:
+            return f"tensor {name}: {tuple(value.shape)} {value.dtype}, expected {tuple(ref.shape)} {dtype}"
         if not torch.isfinite(value).all():
             return f"tensor {name} has non-finite values"
     return None
-
-
-def update_norm(delta: Adapter) -> float:
-    """||delta_k||_2 over all adapter tensors."""
-    return math.sqrt(sum(float((d.float() ** 2).sum()) for d in delta.values()))
 
 
 def clone(adapter: Adapter) -> Adapter:

@@ -4,13 +4,16 @@ Wire format (no pickle anywhere: tensors travel as Flower arrays):
     server -> client   arrays "global" (the global adapter), config "round" {"server-round": t}
     client -> server   arrays "delta" (delta_k), metrics "stats" (n_k, r_start, r_end, std, range,
                        train_seconds and the local training metrics), config "client" (client_id,
-                       task, reward_scale)
+                       task, reward_scale, delta_dtype)
+bfloat16 deltas (delta_dtype = "bfloat16") travel as their int16 bit patterns (Flower arrays are
+numpy arrays, and numpy has no bfloat16) and are viewed back on the server.
 """
 
 from __future__ import annotations
 
 from functools import cache
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fgrpo import aggregation
@@ -42,11 +45,17 @@ def cached_federation(cfg: RunConfig) -> Federation:
 
 
 def adapter_record(adapter: Adapter) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in adapter.items()})
+    """Tensors as Flower arrays; bfloat16 as its int16 bit pattern (same bytes)."""
+    return ArrayRecord({k: (v.view(torch.int16) if v.dtype == torch.bfloat16 else v).detach().cpu().contiguous()
+                        for k, v in adapter.items()})
 
 
-def record_adapter(record: ArrayRecord) -> Adapter:
-    return dict(record.to_torch_state_dict())
+def record_adapter(record: ArrayRecord, dtype: str = "") -> Adapter:
+    """Back to tensors; ``dtype = "bfloat16"`` views int16 arrays as the bfloat16 they carry."""
+    tensors = dict(record.to_torch_state_dict())
+    if dtype == "bfloat16":
+        tensors = {k: v.view(torch.bfloat16) if v.dtype == torch.int16 else v for k, v in tensors.items()}
+    return tensors
 
 
 def update_content(update: ClientUpdate) -> RecordDict:
@@ -54,7 +63,9 @@ def update_content(update: ClientUpdate) -> RecordDict:
     metrics = {"num_prompts": s.num_prompts, "reward_start": s.reward_start, "reward_end": s.reward_end,
                "reward_std": s.reward_std, "reward_range": s.reward_range, "train_seconds": update.seconds,
                **{f"train/{k}": v for k, v in update.metrics.items()}}
-    client = {"client_id": s.client_id, "task": update.task, "reward_scale": update.reward_scale}
+    dtype = str(next(iter(update.delta.values())).dtype).removeprefix("torch.") if update.delta else ""
+    client = {"client_id": s.client_id, "task": update.task, "reward_scale": update.reward_scale,
+              "delta_dtype": dtype}
     return RecordDict({"delta": adapter_record(update.delta), "stats": MetricRecord(metrics),
                        "client": ConfigRecord(client)})
 
@@ -62,8 +73,8 @@ def update_content(update: ClientUpdate) -> RecordDict:
 def content_update(content: RecordDict) -> ClientUpdate:
     """A client's reply back into a ClientUpdate (the server screens it like any other update:
     names, shapes, dtypes and finiteness against the global adapter, in ``Federation.finish_round``)."""
-    delta = record_adapter(content["delta"])
     m, c = content["stats"], content["client"]
+    delta = record_adapter(content["delta"], str(c.get("delta_dtype", "")))
     stats = aggregation.ClientStats(str(c["client_id"]), int(m["num_prompts"]),
                                     *(float(m[k]) for k in STAT_KEYS[1:]))
     train = {k[len("train/"):]: float(v) for k, v in m.items() if k.startswith("train/")}

@@ -1,0 +1,50 @@
+"""delta_dtype: clients send half-precision updates (half the bytes); the server aggregates in float32."""
+
+import pytest
+import torch
+
+from fgrpo.aggregation import ClientStats
+from fgrpo.config import build_config
+from fgrpo.flower import task
+from fgrpo.simulation import ClientUpdate, Federation
+from tiny import MOVING, TINY
+
+OPTIONS = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_delta_crosses_the_wire_exactly_in_half_the_bytes(dtype):
+    gen = torch.Generator().manual_seed(0)
+    delta = {"a": torch.randn(256, 256, generator=gen), "b": torch.randn(256, generator=gen)}
+    full = ClientUpdate(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0), delta, {}, 1.0, "t", "x1")
+    half = ClientUpdate(full.stats, {k: v.to(dtype) for k, v in delta.items()}, {}, 1.0, "t", "x1")
+    full_bytes = task.update_content(full)["delta"].count_bytes()
+    half_bytes = task.update_content(half)["delta"].count_bytes()
+    assert half_bytes < 0.51 * full_bytes  # plus a few bytes of names and shapes
+    back = task.content_update(task.update_content(half))
+    assert all(back.delta[k].dtype == dtype and torch.equal(back.delta[k], half.delta[k]) for k in delta)
+
+
+def test_half_precision_run_stays_close_to_float32(tmp_path):
+    """Same seed, one round: the global adapter moves by the float32 update up to float16 rounding."""
+    adapters = {}
+    for dtype in ("float32", "float16"):
+        fed = Federation(build_config(overrides={**OPTIONS, "num_clients": 2, **MOVING,
+                                                 "delta_dtype": dtype, "lr": 0.05}))
+        start = {k: v.clone() for k, v in fed.global_adapter.items()}
+        sent = []
+        train = fed.train_client
+
+        def record(client, rnd, start=None, train=train, sent=sent):
+            sent.append(train(client, rnd, start))
+            return sent[-1]
+
+        fed.train_client = record
+        fed.run_round(1)
+        assert all(v.dtype == getattr(torch, dtype) for u in sent for v in u.delta.values())
+        assert all(v.dtype == torch.float32 for v in fed.global_adapter.values())
+        adapters[dtype] = {k: fed.global_adapter[k] - start[k] for k in start}
+    moved = torch.cat([v.flatten() for v in adapters["float32"].values()])
+    error = torch.cat([(adapters["float16"][k] - adapters["float32"][k]).flatten() for k in adapters["float32"]])
+    assert moved.norm() > 0 and error.norm() > 0  # the rounding is real ...
+    assert error.norm() < 2e-3 * moved.norm()  # ... and at float16's relative precision

@@ -1,0 +1,105 @@
+"""Differential privacy: clipping, noise where Flower puts it, privatized statistics, and epsilon
+from Opacus' RDP accountant."""
+
+import math
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from fgrpo import privacy
+from fgrpo.aggregation import ClientStats, update_norm
+from fgrpo.config import ConfigError, build_config
+from fgrpo.simulation import Federation
+from tiny import TINY
+
+OPTIONS = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
+
+
+def test_clip_update_bounds_the_norm_and_keeps_small_updates():
+    big = {"a": torch.full((10, 10), 1.0), "b": torch.full((5,), 2.0)}
+    clipped, was = privacy.clip_update(big, 0.5)
+    assert was and abs(update_norm(clipped) - 0.5) < 1e-6
+    assert torch.allclose(clipped["a"] / clipped["a"].norm(), big["a"] / big["a"].norm())  # direction kept
+    small = {"a": torch.full((2,), 0.1)}
+    same, was = privacy.clip_update(small, 1.0)
+    assert not was and torch.equal(same["a"], small["a"])
+
+
+def test_gaussian_noise_has_the_requested_std_and_is_reproducible():
+    zero = {"a": torch.zeros(200, 500)}
+    noisy = privacy.add_gaussian_noise(zero, 0.3, seed=7)
+    assert abs(noisy["a"].std().item() - 0.3) < 0.01 and abs(noisy["a"].mean().item()) < 0.01
+    assert torch.equal(noisy["a"], privacy.add_gaussian_noise(zero, 0.3, seed=7)["a"])
+    assert not torch.equal(noisy["a"], privacy.add_gaussian_noise(zero, 0.3, seed=8)["a"])
+
+
+def test_central_noise_is_calibrated_to_the_largest_weight():
+    assert privacy.central_noise_std(2.0, 0.5, [0.25] * 4) == pytest.approx(0.25)  # Flower's sigma C / m
+    assert privacy.central_noise_std(2.0, 0.5, [0.7, 0.1, 0.1, 0.1]) == pytest.approx(0.7)
+
+
+def test_statistics_are_clipped_to_the_reward_range_then_noised():
+    stats = ClientStats("c", 8, -3.0, 25.0, 4.0, 10.0)  # r_start below 0, r_end above the range
+    draws = [privacy.privatize_stats(stats, 0.5, seed) for seed in range(4000)]
+    starts = torch.tensor([d.reward_start for d in draws])
+    ends = torch.tensor([d.reward_end for d in draws])
+    expected_std = 0.5 * math.sqrt(3) * 10.0
+    assert abs(starts.mean().item() - 0.0) < 0.5 and abs(ends.mean().item() - 10.0) < 0.5  # clipped first
+    assert abs(starts.std().item() - expected_std) < 0.05 * expected_std
+    assert all(d.reward_std >= 0 and d.num_prompts == 8 and d.reward_range == 10.0 for d in draws)
+
+
+def accountant_epsilon(rounds, sigma, rate, delta, stats_sigma=0.0):
+    accountant = RDPAccountant()
+    for _ in range(rounds):
+        accountant.step(noise_multiplier=sigma, sample_rate=rate)
+        if stats_sigma:
+            accountant.step(noise_multiplier=stats_sigma, sample_rate=rate)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("dp, stats_noise", [("server", 0.0), ("client", 2.0), ("local", 0.0)])
+def test_dp_run_reports_the_accountants_epsilon_every_round(tmp_path, dp, stats_noise):
+    cfg = build_config(overrides={**OPTIONS, "num_clients": 4, "fraction": 0.5, "rounds": 3, "dp": dp,
+                                  "dp_noise": 0.9, "dp_clip": 0.05, "dp_stats_noise": stats_noise,
+                                  "cache_dir": str(tmp_path)})
+    fed = Federation(cfg)
+    sent = []
+    train = fed.train_client
+
+    def record(client, rnd, start=None):
+        sent.append(train(client, rnd, start))
+        return sent[-1]
+
+    fed.train_client = record
+    rate = 1.0 if dp == "local" else 0.5
+    for rnd in (1, 2, 3):
+        before = {k: v.clone() for k, v in fed.global_adapter.items()}
+        rows = fed.run_round(rnd)
+        server = next(r for r in rows if r["kind"] == "server")
+        expected = accountant_epsilon(rnd, 0.9, rate, cfg.dp_delta, stats_noise)
+        assert server["epsilon"] == pytest.approx(expected, rel=1e-9)
+        round_updates = sent[-2:]
+        if dp == "client":  # clipped before leaving the client
+            assert all(update_norm(u.delta) <= 0.05 + 1e-6 for u in round_updates)
+        if dp == "local":  # clipped and noised on the client: its norm is dominated by the noise
+            dim = sum(v.numel() for v in before.values())
+            assert all(update_norm(u.delta) > 0.5 * 0.9 * 0.05 * math.sqrt(dim) for u in round_updates)
+            assert "dp_noise_std" not in server
+        else:
+            weights = [r["weight"] for r in rows if r["kind"] == "client"]
+            assert server["dp_noise_std"] == pytest.approx(0.9 * 0.05 * max(weights))
+            applied = torch.cat([(fed.global_adapter[k] - before[k]).flatten() for k in before])
+            # the clipped signal has norm <= 0.05; the rest is noise of the stated std
+            assert abs(applied.std().item() - server["dp_noise_std"]) < 0.1 * server["dp_noise_std"]
+    assert sent and len(sent) == 6
+
+
+def test_dp_options_are_checked():
+    with pytest.raises(ConfigError, match="dp_stats_noise"):
+        build_config(overrides={"dp_stats_noise": 1.0})
+    with pytest.raises(ConfigError, match="local-only"):
+        build_config(overrides={"dp": "server", "strategy": "local-only"})
+    with pytest.raises(ConfigError, match="dp_clip"):
+        build_config(overrides={"dp": "server", "dp_clip": 0})
