@@ -18,7 +18,7 @@ from fgrpo.aggregation import ClientStats
 from fgrpo.cli import main
 from fgrpo.flower import task
 from fgrpo.simulation import ClientUpdate
-from tiny import MOVING, TINY
+from tiny import MOVING, MOVING_ARGS, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN_CONFIG = " ".join(f"{TINY[i][2:]}={TINY[i + 1]}" for i in range(0, len(TINY), 2))
@@ -69,11 +69,8 @@ def adapters_equal(a: Path, b: Path) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_flower_simulation_equals_in_process_run(tmp_path):
-    """Same seed and config: the global adapter after 2 rounds is bitwise the in-process one."""
-    cache = tmp_path / "cache"
-    assert main(["run", *TINY, "--rounds", "2", "--num-clients", "3", "--cache-dir", str(cache),
-                 "--out", str(tmp_path / "in-process")]) == 0
+def flower_simulation(tmp_path, run_config: str, supernodes: int) -> subprocess.CompletedProcess:
+    """``flwr run . --stream`` on a fresh simulation SuperLink (own process group, stopped after)."""
     port = free_port()
     home = tmp_path / "flwr-home"
     home.mkdir()
@@ -87,10 +84,9 @@ def test_flower_simulation_equals_in_process_run(tmp_path):
                             start_new_session=True, env=env)  # own process group: stopped with its children
     try:
         wait_for_port(port)
-        run_config = f"{TINY_RUN_CONFIG} rounds=2 num-clients=3 cache-dir='{cache}' out='{tmp_path / 'flower'}'"
         done = subprocess.run(["flwr", "run", ".", "sim", "--stream", "--run-config", run_config,
-                               "--federation-config", "num-supernodes=3"], cwd=ROOT, env=env, timeout=240,
-                              capture_output=True, text=True)
+                               "--federation-config", f"num-supernodes={supernodes}"], cwd=ROOT, env=env,
+                              timeout=240, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         assert "Installing application dependencies" not in done.stdout  # ran in the installed environment
     finally:
@@ -99,13 +95,51 @@ def test_flower_simulation_equals_in_process_run(tmp_path):
         time.sleep(1)
         if group_alive(link.pid):
             os.killpg(link.pid, signal.SIGKILL)
+    assert not group_alive(link.pid)
+    return done
+
+
+def test_flower_simulation_equals_in_process_run(tmp_path):
+    """Same seed and config: the global adapter after 2 rounds is bitwise the in-process one."""
+    cache = tmp_path / "cache"
+    assert main(["run", *TINY, "--rounds", "2", "--num-clients", "3", "--cache-dir", str(cache),
+                 "--out", str(tmp_path / "in-process")]) == 0
+    flower_simulation(tmp_path, f"{TINY_RUN_CONFIG} rounds=2 num-clients=3 cache-dir='{cache}' "
+                                f"out='{tmp_path / 'flower'}'", supernodes=3)
     assert (tmp_path / "flower" / "summary.json").exists()
     assert adapters_equal(tmp_path / "flower", tmp_path / "in-process")
     flower_rows = [json.loads(x) for x in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
     local_rows = [json.loads(x) for x in (tmp_path / "in-process" / "metrics.jsonl").read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]
     assert strip(flower_rows) == strip(local_rows)
-    assert not group_alive(link.pid)
+
+
+def test_secure_aggregation_equals_plain_aggregation(tmp_path):
+    """FGRPO weights + SecAgg+ on the Flower simulation: the server sees no single delta, and the global
+    adapter after round 1 equals the plain one (the in-process run, bitwise the plain Flower
+    simulation by the test above) within SecAgg+'s quantization: each client's value is stochastically
+    rounded to a grid of step 2c / 2^22 (4.8e-7 for c = secagg_clip_range = 1), so the sum of K clients'
+    is off by less than K * 2c / 2^22, plus float32 rounding (1e-7)."""
+    moving = TINY_RUN_CONFIG.replace("warm-start-steps=2", f"warm-start-steps={MOVING['warm_start_steps']}")
+    common = ["--rounds", "2", "--num-clients", "3", "--checkpoint-keep", "5", *MOVING_ARGS]
+    assert main(["run", *TINY, *common, "--out", str(tmp_path / "plain")]) == 0
+    flower_simulation(tmp_path, f"{moving} rounds=2 num-clients=3 checkpoint-keep=5 cache-dir='{MOVING['cache_dir']}' "
+                                f"secure-aggregation=true out='{tmp_path / 'secure'}'", supernodes=3)
+    rows = [json.loads(x) for x in (tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()]
+    clients = [r for r in rows if r["kind"] == "client"]
+    assert len(clients) == 6 and all(r["update_norm"] is None for r in clients)  # no delta reached the server
+    assert all(r["max_abs_delta"] < 1.0 for r in clients)  # nothing was clipped by SecAgg+
+    assert abs(sum(r["weight"] for r in clients if r["round"] == 1) - 1) < 1e-9
+    round_1 = "checkpoints/round-0001/tensors.safetensors"
+    secure, plain = load_file(tmp_path / "secure" / round_1), load_file(tmp_path / "plain" / round_1)
+    start = load_file(tmp_path / "plain" / "checkpoints/round-0000/tensors.safetensors")
+    keys = [k for k in plain if k.startswith("global/")]
+    moved = max(float((plain[k] - start[k]).abs().max()) for k in keys)
+    error = max(float((secure[k] - plain[k]).abs().max()) for k in keys)
+    assert moved > 1e-4  # the round really changed the adapter ...
+    k = sum(1 for r in clients if r["round"] == 1)
+    assert 0 < error < k * 2 * 1.0 / 2**22 + 1e-7, error  # ... and SecAgg+ reproduced it up to its quantization
+    assert json.loads((tmp_path / "secure" / "summary.json").read_text())["rounds"] == 2
 
 
 def test_local_deployment_with_tls_and_supernode_auth(tmp_path):

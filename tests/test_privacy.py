@@ -9,6 +9,7 @@ from opacus.accountants import RDPAccountant
 
 from fgrpo import privacy
 from fgrpo.aggregation import ClientStats, update_norm
+from fgrpo.cli import main
 from fgrpo.config import ConfigError, build_config
 from fgrpo.simulation import Federation
 from tiny import TINY
@@ -103,3 +104,11 @@ def test_dp_options_are_checked():
         build_config(overrides={"dp": "server", "strategy": "local-only"})
     with pytest.raises(ConfigError, match="dp_clip"):
         build_config(overrides={"dp": "server", "dp_clip": 0})
+    with pytest.raises(ConfigError, match="dp = 'server' clips each update at the server"):
+        build_config(overrides={"dp": "server", "secure_aggregation": True})
+
+
+def test_secure_aggregation_is_refused_in_process(tmp_path, capsys):
+    assert main(["run", *TINY, "--secure-aggregation", "true", "--out", str(tmp_path / "run")]) != 0
+    assert "needs the Flower runtime" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -130,6 +130,11 @@ class RunConfig:
     dp_delta: float = _f(1e-5, "delta of the reported (epsilon, delta) guarantee, in (0, 1).")
     dp_stats_noise: float = _f(0.0, "Noise multiplier sigma_s on each client's r_start, r_end and reward std "
                                "(clipped to [0, reward range]); 0 sends them as they are. Needs dp != 'off'.")
+    secure_aggregation: bool = _f(False, "Flower runtime only: the server gets only sum_k w_k delta_k, through "
+                                  "Flower's SecAgg+ (clients first send their statistics, then their weighted "
+                                  "masked delta).")
+    secagg_clip_range: float = _f(1.0, "SecAgg+ clips each update value to [-range, range] before quantizing "
+                                  "it into 2^22 levels (error <= range / 2^22 per value), > 0.")
     # --- failing clients --------------------------------------------------------------------------
     min_clients: int = _f(1, "Fewest accepted client updates a round needs; with fewer the run stops with a "
                           "clear message, its last checkpoint valid (--resume retries the round).")
@@ -200,6 +205,12 @@ class RunConfig:
         if self.dp != "off" and self.strategy in ("local-only", "centralized"):
             raise ConfigError(f"dp = {self.dp!r} applies to federated strategies; strategy = {self.strategy!r} "
                               "has no aggregation to protect")
+        _check("secagg_clip_range", self.secagg_clip_range, self.secagg_clip_range > 0, "> 0")
+        if self.secure_aggregation and self.dp == "server":
+            raise ConfigError("dp = 'server' clips each update at the server, which secure aggregation hides from "
+                              "it; use dp = 'client' (clients clip, the server noises the sum) or 'local'")
+        if self.secure_aggregation and self.strategy in ("local-only", "centralized"):
+            raise ConfigError(f"secure_aggregation applies to federated strategies, not {self.strategy!r}")
         if self.dp_stats_noise > 0 and self.dp == "off":
             raise ConfigError(f"dp_stats_noise = {self.dp_stats_noise} needs dp = 'server', 'client' or 'local' "
                               "(the statistics alone would be private while the updates are not)")

@@ -31,6 +31,9 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool 
     """Run ``cfg`` to completion; with ``resume``, continue the run in ``cfg.out`` from its last
     checkpoint. Returns summary.json's content."""
     quiet_libraries()
+    if cfg.secure_aggregation:
+        raise ConfigError("secure_aggregation = true needs the Flower runtime (flwr run . --run-config "
+                          "\"secure-aggregation=true\"; docs/privacy.md): in one process there is no one to hide from")
     console = console or Console(stderr=True)
     start = time.perf_counter()
     run_dir = run_dir_path(cfg)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -204,23 +204,23 @@ class Federation:
                 on_client_done(client)
         return self.finish_round(rnd, updates, failed)
 
-    def screen_updates(self, rnd: int, updates: list[ClientUpdate], failed: list[dict],
+    def screen_updates(self, rnd: int, updates: list[ClientUpdate], failed: list[dict], deltas: bool = True,
                        ) -> tuple[list[ClientUpdate], list[dict]]:
         """Accepted updates, and warning rows for the clients that ``failed`` (did not reply) and for
         rejected updates: over the time limit, tensors that differ from the global adapter in name,
-        shape or dtype, non-finite values, or a norm above ``max_norm_ratio`` x the round's median non-zero norm."""
+        shape or dtype, non-finite values, or a norm above ``max_norm_ratio`` x the round's median non-zero norm.
+        Without ``deltas`` (secure aggregation: the server never sees one) only the time limit is checked."""
         accepted, warnings = [], list(failed)
         reference = self.local_adapters or {None: self.global_adapter}
         adapter = next(iter(reference.values()))
         wire = getattr(torch, self.cfg.delta_dtype)
         for u in updates:
-            reason = delta_problem(u.delta, adapter, wire)
+            reason = delta_problem(u.delta, adapter, wire) if deltas else None
             if reason is None and self.cfg.client_timeout and u.seconds > self.cfg.client_timeout:
                 reason = f"took {u.seconds:.1f} s, over client_timeout = {self.cfg.client_timeout}"
             if reason:
                 warnings.append(warning_row(rnd, u.stats.client_id, reason))
-            else:
-                # aggregate in full precision
+            else:  # aggregate in full precision
                 accepted.append(replace(u, delta={k: v.to(adapter[k].dtype) for k, v in u.delta.items()}))
         norms = [update_norm(u.delta) for u in accepted]
         moving = [n for n in norms if n > 0]  # a client whose groups all tied sends a zero update
@@ -236,11 +236,13 @@ class Federation:
                               "--resume to retry the round")
         return accepted, warnings
 
-    def finish_round(self, rnd: int, updates: list[ClientUpdate], failed: list[dict] | None = None) -> list[dict]:
+    def finish_round(self, rnd: int, updates: list[ClientUpdate], failed: list[dict] | None = None,
+                     secure_sum: Callable[[list[ClientUpdate], list[float]], Adapter] | None = None) -> list[dict]:
         """The server's half of a round (every runtime calls it): screening of the updates, weights
         from the statistics, the server step, the metric rows, and the evaluation when due.
-        ``failed``: warning rows for clients that sent no update."""
-        updates, warnings = self.screen_updates(rnd, updates, failed or [])
+        ``failed``: warning rows for clients that sent no update. ``secure_sum``: under secure
+        aggregation the updates carry no delta, and this returns sum_k w_k delta_k for the weights."""
+        updates, warnings = self.screen_updates(rnd, updates, failed or [], deltas=secure_sum is None)
         result = self.strategy([u.stats for u in updates], self.client_baselines, self.fgrpo)
         if self.cfg.strategy == "local-only":
             for u in updates:
@@ -255,8 +257,15 @@ class Federation:
                 clipped = [privacy.clip_update(d, self.cfg.dp_clip) for d in deltas]
                 deltas = [d for d, _ in clipped]
                 server["dp_clipped_fraction"] = sum(c for _, c in clipped) / len(clipped)
-            delta = aggregation.pseudo_gradient(deltas, result.weights)
-            server["lora_product_error"] = aggregation.lora_product_error(self.global_adapter, deltas, result.weights)
+            if secure_sum is None:
+                delta = aggregation.pseudo_gradient(deltas, result.weights)
+                server["lora_product_error"] = aggregation.lora_product_error(self.global_adapter, deltas,
+                                                                              result.weights)
+            else:
+                delta = secure_sum(updates, result.weights)
+                if (problem := delta_problem(delta, self.global_adapter, torch.float32)) is not None:
+                    raise RoundFailed(f"round {rnd}: the securely aggregated update is unusable ({problem}); "
+                                      "the last checkpoint is intact")
             if self.cfg.dp in ("server", "client"):  # central DP: noise on the weighted sum
                 server["dp_noise_std"] = privacy.central_noise_std(self.cfg.dp_noise, self.cfg.dp_clip,
                                                                    result.weights)
@@ -273,7 +282,7 @@ class Federation:
                 "round": rnd, "kind": "client", "client_id": u.stats.client_id, "task": u.task,
                 "reward_scale": u.reward_scale, **asdict(u.stats), "weight": w, "gain": g,
                 "baseline": state.baseline if state else None, **u.metrics,
-                "update_norm": update_norm(u.delta), "train_seconds": u.seconds,
+                "update_norm": update_norm(u.delta) if u.delta else None, "train_seconds": u.seconds,
             })
         if self.cfg.dp != "off":
             server["epsilon"] = self.epsilon(rnd)

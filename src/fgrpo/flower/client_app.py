@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from fgrpo.flower import task
+from fgrpo.flower import secure, task
 
 app = ClientApp()
 
@@ -42,11 +43,23 @@ def owner(context: Context):
     return fed, client
 
 
-@app.train()
+def secure_stage_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's secaggplus_mod for the messages of the SecAgg+ protocol; fgrpo's train message passes."""
+    return secaggplus_mod(msg, context, call_next) if secure.is_secagg_stage(msg) else call_next(msg, context)
+
+
+@app.train(mods=[secure_stage_mod])
 def train(msg: Message, context: Context) -> Message:
+    """Local GRPO from the received global adapter; replies with delta_k and the statistics, or, under
+    secure aggregation, keeps delta_k and replies with the statistics (SecAgg+ later asks for w_k * delta_k)."""
+    if "fitins.config" in msg.content.config_records:  # SecAgg+ collect stage (docs/privacy.md)
+        return secure.masked_reply(msg, context)
     fed, client = owner(context)
     fed.global_adapter = task.record_adapter(msg.content["global"])
     update = fed.train_client(client, int(msg.content["round"]["server-round"]))
+    if bool(msg.content["round"].get("secure", False)):
+        update.metrics["max_abs_delta"] = secure.keep_delta(context, update.delta)
+        update = replace(update, delta={})
     return Message(content=task.update_content(update), reply_to=msg)
 
 

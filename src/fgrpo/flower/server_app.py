@@ -19,9 +19,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fgrpo.checkpoint import save_checkpoint
-from fgrpo.flower import task
+from fgrpo.flower import secure, task
 from fgrpo.rundir import MetricsLog, build_summary, make_run_dir, plot_accuracy, run_dir_path, write_json_atomic
-from fgrpo.simulation import Federation, warning_row
+from fgrpo.simulation import Federation, RoundFailed, warning_row
 from fgrpo.tasks import derived_seed
 
 app = ServerApp()
@@ -51,12 +51,13 @@ class FGRPOStrategy(Strategy):
         node_ids = self.node_ids(grid, wait=server_round == 1)
         rng = random.Random(derived_seed(self.cfg.seed, "client-sampling", server_round))
         chosen = sorted(rng.sample(node_ids, max(1, round(self.cfg.fraction * len(node_ids)))))
-        content = RecordDict({"global": arrays, "round": ConfigRecord({"server-round": server_round})})
+        round_config = {"server-round": server_round, "secure": self.cfg.secure_aggregation}
+        content = RecordDict({"global": arrays, "round": ConfigRecord(round_config)})
         return [Message(content=content, message_type="train", dst_node_id=node) for node in chosen]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
-                                                                                      MetricRecord | None]:
-        updates, failed = [], []
+    def read_replies(self, server_round: int, replies: Iterable[Message]) -> tuple[list, list[dict], dict[str, int]]:
+        """(updates in the in-process client order, warning rows, node id of each client id)."""
+        updates, failed, nodes = [], [], {}
         for reply in replies:
             node = f"node-{reply.metadata.src_node_id}"
             if reply.has_error():
@@ -64,11 +65,45 @@ class FGRPOStrategy(Strategy):
                 continue
             try:
                 updates.append(task.content_update(reply.content))
+                nodes[updates[-1].stats.client_id] = reply.metadata.src_node_id
             except (KeyError, TypeError, ValueError) as err:
                 failed.append(warning_row(server_round, node, f"unreadable reply: {err}"))
         order = {c.client_id: i for i, c in enumerate(self.fed.clients)}  # the in-process order
         updates.sort(key=lambda u: (order.get(u.stats.client_id, len(order)), u.stats.client_id))
+        return updates, failed, nodes
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
+                                                                                      MetricRecord | None]:
+        updates, failed, _ = self.read_replies(server_round, replies)
         rows = self.fed.finish_round(server_round, updates, failed)  # screens the updates; may raise RoundFailed
+        return self.record_round(server_round, rows, len(updates))
+
+    def secure_round(self, server_round: int, grid: Grid, context: Context) -> None:
+        """One round under secure aggregation (fgrpo.flower.secure): statistics first, then SecAgg+."""
+        arrays = task.adapter_record(self.fed.global_adapter)
+        timeout = self.cfg.client_timeout or 3600
+        replies = grid.send_and_receive(list(self.configure_train(server_round, arrays, ConfigRecord(), grid)),
+                                        timeout=timeout)
+        updates, failed, nodes = self.read_replies(server_round, replies)
+
+        def weighted_sum(accepted, weights):
+            total = secure.secure_weighted_sum(
+                grid, context, server_round, {nodes[u.stats.client_id]: w for u, w in zip(accepted, weights)},
+                self.fed.global_adapter, self.cfg.secagg_clip_range, timeout)
+            if total is None:
+                raise RoundFailed(f"round {server_round}: secure aggregation could not finish (too many clients "
+                                  "dropped out); the last checkpoint is intact")
+            return total
+
+        rows = self.fed.finish_round(server_round, updates, failed, secure_sum=weighted_sum)
+        self.record_round(server_round, rows, len(updates))
+        evaluate = list(self.configure_evaluate(server_round, task.adapter_record(self.fed.global_adapter),
+                                                ConfigRecord(), grid))
+        if evaluate:
+            self.aggregate_evaluate(server_round, grid.send_and_receive(evaluate, timeout=timeout))
+
+    def record_round(self, server_round: int, rows: list[dict], clients: int) -> tuple[ArrayRecord, MetricRecord]:
+        """Log warnings, write the rows and the checkpoint; Flower's view of the round."""
         for row in rows:
             if row["kind"] == "warning":
                 log(WARNING, "round %s: %s left out: %s", server_round, row["client_id"], row["reason"])
@@ -77,7 +112,7 @@ class FGRPOStrategy(Strategy):
             save_checkpoint(self.run_dir, server_round, *self.fed.server_state_dict(), len(self.metrics.rows),
                             self.cfg.checkpoint_keep)
         evals = [r for r in rows if r["kind"] == "eval"]
-        summary = {"clients": float(len(updates))}
+        summary = {"clients": float(clients)}
         if evals:
             summary["macro_accuracy"] = evals[0]["macro_accuracy"]
             log(INFO, "round %s: macro accuracy %.3f", server_round, evals[0]["macro_accuracy"])
@@ -135,8 +170,11 @@ def main(grid: Grid, context: Context) -> None:
     else:
         metrics.write([fed.eval_row(0)])
     save_checkpoint(run_dir, 0, *fed.server_state_dict(), len(metrics.rows), cfg.checkpoint_keep)
-    # a round waits for its replies at most client_timeout seconds (an hour when unset)
-    strategy.start(grid, arrays, num_rounds=cfg.rounds, timeout=cfg.client_timeout or 3600)
+    if cfg.secure_aggregation:
+        for server_round in range(1, cfg.rounds + 1):
+            strategy.secure_round(server_round, grid, context)
+    else:  # a round waits for its replies at most client_timeout seconds (an hour when unset)
+        strategy.start(grid, arrays, num_rounds=cfg.rounds, timeout=cfg.client_timeout or 3600)
     fed.save_adapter(run_dir / "adapter")
     plot_accuracy(metrics.rows, run_dir / "plots" / "accuracy.png")
     write_json_atomic(run_dir / "summary.json",
