@@ -3,7 +3,9 @@
 For each round: wall time of ``Federation.run_round`` plus the round's checkpoint, divided by the
 sum of the clients' local training time and the evaluation time (target <= 1.05; the rest is
 adapter swapping, delta computation, aggregation and the checkpoint write), and the bytes one
-client receives (the global adapter) and sends (its delta) per round. Median over rounds. Last line: one JSON object.
+client receives (the global adapter) and sends (its delta) per round, and the size of the delta as a
+Flower ArrayRecord in float32, bfloat16 and float16 (``delta_dtype``). Median over rounds. Last line:
+one JSON object.
 
     python benchmarks/federation.py --quick      # 6 rounds of the default, 3 local steps
     python benchmarks/federation.py              # 10 rounds of the default
@@ -23,6 +25,7 @@ import torch
 
 from fgrpo.checkpoint import save_checkpoint
 from fgrpo.config import build_config
+from fgrpo.flower.task import adapter_record
 from fgrpo.runner import quiet_libraries
 from fgrpo.simulation import Federation
 
@@ -46,11 +49,15 @@ def main() -> None:
         ratios.append(wall / work)
         print(f"round {rnd}: wall {wall:.2f} s, clients + eval {work:.2f} s, ratio {ratios[-1]:.4f}", flush=True)
     adapter_bytes = sum(t.numel() * t.element_size() for t in fed.global_adapter.values())
+    # what one reply's delta weighs on Flower's wire (ArrayRecord), per delta_dtype
+    wire_bytes = {dtype: adapter_record({k: v.to(getattr(torch, dtype)) for k, v in fed.global_adapter.items()})
+                  .count_bytes() for dtype in ("float32", "bfloat16", "float16")}
     result = {
         "benchmark": "federation", "quick": args.quick, "rounds": cfg.rounds, "clients": cfg.num_clients,
         "local_steps": cfg.local_steps, "overhead_ratio_median": statistics.median(ratios),
         "overhead_ratio_max": max(ratios), "bytes_down_per_client_round": adapter_bytes,
         "bytes_up_per_client_round": adapter_bytes, "adapter_tensors": len(fed.global_adapter),
+        **{f"flower_record_bytes_{dtype}": n for dtype, n in wire_bytes.items()},
         "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
     }
     print(json.dumps(result))

@@ -1,11 +1,14 @@
 """delta_dtype: clients send half-precision updates (half the bytes); the server aggregates in float32."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 from fgrpo.aggregation import ClientStats
 from fgrpo.config import build_config
 from fgrpo.flower import task
+from fgrpo.model import autocast_context
 from fgrpo.simulation import ClientUpdate, Federation
 from tiny import MOVING, TINY
 
@@ -48,3 +51,23 @@ def test_half_precision_run_stays_close_to_float32(tmp_path):
     error = torch.cat([(adapters["float16"][k] - adapters["float32"][k]).flatten() for k in adapters["float32"]])
     assert moved.norm() > 0 and error.norm() > 0  # the rounding is real ...
     assert error.norm() < 2e-3 * moved.norm()  # ... and at float16's relative precision
+
+
+def test_mixed_precision_resolves_by_device_and_bf16_runs():
+    """'auto' is float32 on the CPU (so CPU runs stay bitwise reproducible) and bfloat16 autocast on a
+    CUDA device; 'bf16' forces autocast, whose matmuls then really run in bfloat16."""
+    cpu = torch.device("cpu")
+    assert autocast_context(cpu, "auto") is nullcontext and autocast_context(cpu, "no") is nullcontext
+    with autocast_context(cpu, "bf16")():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_bf16_autocast_round_trains_the_adapter(tmp_path):
+    rounds = {}
+    for precision in ("no", "bf16"):
+        fed = Federation(build_config(overrides={**OPTIONS, "num_clients": 3, **MOVING, "mixed_precision": precision}))
+        start = {k: v.clone() for k, v in fed.global_adapter.items()}
+        fed.run_round(1)
+        rounds[precision] = torch.cat([(fed.global_adapter[k] - start[k]).flatten() for k in start])
+    assert torch.isfinite(rounds["bf16"]).all() and rounds["bf16"].norm() > 0
+    assert not torch.equal(rounds["bf16"], rounds["no"])  # it really ran in another precision

@@ -1,6 +1,7 @@
 """Differential privacy: clipping, noise where Flower puts it, privatized statistics, and epsilon
 from Opacus' RDP accountant."""
 
+import csv
 import math
 
 import pytest
@@ -112,3 +113,15 @@ def test_secure_aggregation_is_refused_in_process(tmp_path, capsys):
     assert main(["run", *TINY, "--secure-aggregation", "true", "--out", str(tmp_path / "run")]) != 0
     assert "needs the Flower runtime" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_reports_epsilon_per_strategy(tmp_path):
+    out = tmp_path / "results"
+    assert main(["compare", "--strategies", "fedavg,fedavg[dp=client,dp_noise=2.0]", "--scenarios", "task-skew",
+                 "--seeds", "0", *TINY, "--rounds", "2", "--cache-dir", str(tmp_path / "c"), "--out", str(out)]) == 0
+    rows = {r["strategy"]: r for r in csv.DictReader(open(out / "table.csv"))}
+    assert float(rows["fedavg"]["epsilon"]) == math.inf
+    private = float(rows["fedavg[dp=client,dp_noise=2.0]"]["epsilon"])
+    assert private == pytest.approx(accountant_epsilon(2, 2.0, 1.0, 1e-5), rel=1e-9)
+    table = (out / "table.md").read_text()
+    assert "epsilon |" in table and "no DP" in table and f"{private:,.1f}" in table

@@ -207,7 +207,7 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
     rows = []
     for scenario in plan.scenarios:
         for strategy in plan.strategies:
-            finals, worst, to_target, spreads, seconds, curve_means = [], [], [], [], [], []
+            finals, worst, to_target, spreads, seconds, curve_means, spent = [], [], [], [], [], [], []
             for name, cfg in runs:
                 summary_path = Path(cfg.out) / "summary.json"
                 if name != strategy or cfg.scenario != scenario or not summary_path.exists():
@@ -223,6 +223,8 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
                 tail = [e["macro_accuracy"] for e in evals[-LAST_ROUNDS:]]
                 spreads.append(statistics.pstdev(tail) if len(tail) > 1 else 0.0)
                 seconds.append(summary["wall_seconds"])
+                if "epsilon" in summary:  # differential privacy: (epsilon, dp_delta) spent by the run
+                    spent.append(summary["epsilon"])
             mean, std = _mean_std(finals)
             hit = [r for r in to_target if r is not None]
             rows.append({
@@ -234,6 +236,7 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
                 "seeds_reaching_target": len(hit),
                 "last_rounds_spread_mean": _mean_std(spreads)[0],
                 "wall_seconds_mean": _mean_std(seconds)[0],
+                "epsilon": max(spent) if spent else math.inf,
             })
     return rows
 
@@ -245,17 +248,19 @@ def write_tables(rows: list[dict], out: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = []
+    private = any(math.isfinite(r["epsilon"]) for r in rows)  # an epsilon column when any run used DP
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
-        lines += [f"### {scenario}", "",
-                  "| strategy | final macro accuracy (mean ± std) | worst task | mean over rounds 1..R | "
-                  "rounds to target (seeds reaching it) | spread, last rounds | seeds |",
-                  "|---|---|---|---|---|---|---|"]
+        header = ("| strategy | final macro accuracy (mean ± std) | worst task | mean over rounds 1..R | "
+                  "rounds to target (seeds reaching it) | spread, last rounds | seeds |")
+        lines += [f"### {scenario}", "", header + (" epsilon |" if private else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if private else "")]
         for r in (r for r in rows if r["scenario"] == scenario):
             target = ("-" if math.isnan(r["rounds_to_target_mean"]) else f"{r['rounds_to_target_mean']:.1f}")
+            epsilon = (f" {r['epsilon']:,.1f} |" if math.isfinite(r["epsilon"]) else " no DP |") if private else ""
             lines.append(f"| {r['strategy']} | {r['final_macro_mean']:.3f} ± {r['final_macro_std']:.3f} | "
                          f"{r['worst_task_mean']:.3f} | {r['mean_over_rounds']:.3f} | "
                          f"{target} ({r['seeds_reaching_target']}/{r['seeds']}) | "
-                         f"{r['last_rounds_spread_mean']:.3f} | {r['seeds']} |")
+                         f"{r['last_rounds_spread_mean']:.3f} | {r['seeds']} |{epsilon}")
         lines.append("")
     (out / "table.md").write_text("\n".join(lines))
 

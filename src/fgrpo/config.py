@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,9 @@ class RunConfig:
                            "reward range.")
     # --- system ---------------------------------------------------------------------------------
     device: str = _f("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'.")
+    mixed_precision: str = _f("auto", "'auto': bfloat16 autocast for rollouts, the loss forward and evaluation on a "
+                              "CUDA device that supports it, float32 elsewhere; 'bf16': always; 'no': never. "
+                              "Log-probs, the loss and the optimizer stay in float32.")
     out: str = _f("", "Run directory; empty means runs/<date-time>-<scenario>-<strategy>.")
     cache_dir: str = _f("", "Cache for the embedded model; empty means $FGRPO_CACHE or the user "
                         "cache folder.")
@@ -149,7 +153,7 @@ class RunConfig:
             "scenario": SCENARIOS, "strategy": STRATEGIES, "loss_type": LOSS_TYPES,
             "gain_form": GAIN_FORMS, "scale_rewards": SCALE_REWARDS, "server_optimizer": SERVER_OPTIMIZERS,
             "lora_aggregation": ("fedit", "ffa"), "delta_dtype": ("float32", "bfloat16", "float16"),
-            "dp": ("off", "server", "client", "local"),
+            "dp": ("off", "server", "client", "local"), "mixed_precision": ("auto", "bf16", "no"),
             "device": ("auto", "cpu", "cuda"),
         }
         for key, valid in choices.items():
@@ -241,8 +245,9 @@ class RunConfig:
 
 
 def comma_list(text: str) -> list[str]:
-    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
-    return [t.strip() for t in text.split(",") if t.strip()]
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``; commas inside ``[...]`` do not split
+    (``"fedavg,fgrpo[dp=client,dp_noise=1]"`` is two items)."""
+    return [t.strip() for t in re.split(r",(?![^\[]*\])", text) if t.strip()]
 
 
 def _looks_like_path(model: str) -> bool:

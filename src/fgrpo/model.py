@@ -16,6 +16,7 @@ import os
 import shutil
 import string
 import tempfile
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -143,6 +144,14 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def autocast_context(device: torch.device, mixed_precision: str):
+    """A factory of the context that model passes run in: bfloat16 autocast ('bf16', or 'auto' on a
+    CUDA device with bfloat16 support) or nothing."""
+    bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda"
+                                         and torch.cuda.is_bf16_supported())
+    return (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
 
 def load_base(model: str, device: torch.device, warm_start_steps: int = 800, cache_dir: str = "",

@@ -26,7 +26,7 @@ from fgrpo.aggregation import update_norm
 from fgrpo.config import ConfigError, RunConfig
 from fgrpo.evaluation import evaluate, summarize
 from fgrpo.grpo import GRPOSettings, local_grpo
-from fgrpo.model import add_lora, load_base, resolve_device
+from fgrpo.model import add_lora, autocast_context, load_base, resolve_device
 from fgrpo.tasks import derived_seed
 
 Adapter = dict[str, torch.Tensor]
@@ -73,6 +73,7 @@ class Federation:
         no ``data`` here): no client data and no test sets on this side; clients evaluate."""
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        self.autocast = autocast_context(self.device, cfg.mixed_precision)
         base, self.tokenizer = load_base(cfg.model, self.device, cfg.warm_start_steps, cfg.cache_dir,
                                          progress)
         self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed,
@@ -131,8 +132,9 @@ class Federation:
         batches = prompt_batches(client.train, self.cfg.prompts_per_step, seed)
         settings = replace(self.grpo, local_steps=self.local_steps(client))
         t0 = time.perf_counter()
-        result = local_grpo(self.model, self.tokenizer, self.optimizer, batches, client.reward,
-                            settings, correctness_fn=tasks.correctness)
+        with self.autocast():
+            result = local_grpo(self.model, self.tokenizer, self.optimizer, batches, client.reward,
+                                settings, correctness_fn=tasks.correctness)
         seconds = time.perf_counter() - t0  # local training only: swapping counts as overhead
         failed, total = client.reward.take_failures()  # samples whose reward raised or was not finite
         result.metrics["reward_failures"] = failed / max(total, 1)
@@ -170,13 +172,15 @@ class Federation:
         holding each task of that client's own model."""
         if self.cfg.strategy != "local-only":
             set_peft_model_state_dict(self.model, self.global_adapter)
-            return evaluate(self.model, self.tokenizer, self.test_sets, self.cfg.max_new_tokens)
+            with self.autocast():
+                return evaluate(self.model, self.tokenizer, self.test_sets, self.cfg.max_new_tokens)
         per_task: dict[str, list[float]] = {t: [] for t in self.test_sets}
         for client in self.clients:
             set_peft_model_state_dict(self.model, self.local_adapters[client.client_id])
             own = {t: self.test_sets[t] for t in tasks.scenario_tasks([client])}
-            for task, acc in evaluate(self.model, self.tokenizer, own, self.cfg.max_new_tokens).items():
-                per_task[task].append(acc)
+            with self.autocast():
+                for task, acc in evaluate(self.model, self.tokenizer, own, self.cfg.max_new_tokens).items():
+                    per_task[task].append(acc)
         return {t: sum(accs) / len(accs) for t, accs in per_task.items()}
 
     def eval_row(self, rnd: int, accuracy: dict[str, float] | None = None) -> dict:
