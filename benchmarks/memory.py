@@ -9,6 +9,7 @@ slope over all four sizes is reported too. Last line: one JSON object.
 
     python benchmarks/memory.py --quick     # K = 1, 4, 16, 64; 500 prompts per client
     python benchmarks/memory.py             # K = 1, 4, 16, 64; 2000 prompts per client (default)
+    python benchmarks/memory.py --quick --model 24M   # the 23.9 M-parameter config of step_vs_trl.py
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import pickle
 import resource
 import subprocess
 import sys
+import tempfile
 
 import psutil
 
 
-def measure(clients: int, train_size: int) -> dict:
+def measure(clients: int, train_size: int, model: str) -> dict:
     """Run in a child process: peak RSS (bytes) after one round with ``clients`` clients."""
     from fgrpo.config import build_config
     from fgrpo.runner import quiet_libraries
@@ -32,7 +34,8 @@ def measure(clients: int, train_size: int) -> dict:
 
     quiet_libraries()
     cfg = build_config(overrides={"num_clients": clients, "fraction": min(1.0, 4 / clients),
-                                  "local_steps": 2, "train_size": train_size, "rounds": 1})
+                                  "local_steps": 2, "train_size": train_size, "rounds": 1,
+                                  "model": model})
     fed = Federation(cfg)
     gc.collect()
     setup = psutil.Process().memory_info().rss  # base model + every client's data, before training
@@ -56,14 +59,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--train-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="embedded", help="'embedded', '24M' (step_vs_trl.py's larger config, "
+                        "to see that the base model is held once: its size does not enter the per-client slope), or "
+                        "a model folder")
     args = parser.parse_args()
+    if args.model == "24M" and not args.child:
+        from step_vs_trl import large_model_path
+
+        args.model = large_model_path(tempfile.mkdtemp(prefix="fgrpo-24m-"))
     if args.child:
-        print(json.dumps(measure(args.child, args.train_size)))
+        print(json.dumps(measure(args.child, args.train_size, args.model)))
         return
     train_size = 500 if args.quick else 2000
     rows = []
     for k in (1, 4, 16, 64):
-        out = subprocess.run([sys.executable, __file__, "--child", str(k), "--train-size", str(train_size)],
+        out = subprocess.run([sys.executable, __file__, "--child", str(k), "--train-size", str(train_size),
+                              "--model", args.model],
                              capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         r = rows[-1]
@@ -72,7 +83,7 @@ def main() -> None:
     slope = fitted_slope(rows[1:])
     per_client_budget = rows[0]["adapter_bytes"] + rows[0]["client_data_bytes"]
     result = {
-        "benchmark": "memory", "quick": args.quick, "train_size": train_size, "rows": rows,
+        "benchmark": "memory", "quick": args.quick, "model": args.model, "train_size": train_size, "rows": rows,
         "slope_bytes_per_client": slope, "slope_all_sizes": fitted_slope(rows),
         "setup_slope_bytes_per_client": fitted_slope(rows[1:], "setup_rss"),
         "adapter_bytes": rows[0]["adapter_bytes"],
