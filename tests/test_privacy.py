@@ -3,6 +3,7 @@ from Opacus' RDP accountant."""
 
 import csv
 import math
+import statistics
 
 import pytest
 import torch
@@ -42,14 +43,16 @@ def test_central_noise_is_calibrated_to_the_largest_weight():
 
 
 def test_statistics_are_clipped_to_the_reward_range_then_noised():
-    stats = ClientStats("c", 8, -3.0, 25.0, 4.0, 10.0)  # r_start below 0, r_end above the range
+    stats = ClientStats("c", 8, -30.0, 25.0, 4.0, 10.0)  # r_start below -range, r_end above the range
     draws = [privacy.privatize_stats(stats, 0.5, seed) for seed in range(4000)]
     starts = torch.tensor([d.reward_start for d in draws])
     ends = torch.tensor([d.reward_end for d in draws])
-    expected_std = 0.5 * math.sqrt(3) * 10.0
-    assert abs(starts.mean().item() - 0.0) < 0.5 and abs(ends.mean().item() - 10.0) < 0.5  # clipped first
+    expected_std = 0.5 * 2 * math.sqrt(3) * 10.0  # two clipped 3-vectors are <= 2 sqrt(3) range apart
+    assert abs(starts.mean().item() + 10.0) < 1.0 and abs(ends.mean().item() - 10.0) < 1.0  # clipped first
     assert abs(starts.std().item() - expected_std) < 0.05 * expected_std
     assert all(d.reward_std >= 0 and d.num_prompts == 8 and d.reward_range == 10.0 for d in draws)
+    signed = [privacy.privatize_stats(ClientStats("s", 8, -0.6, 0.2, 0.5, 2.0), 0.01, seed) for seed in range(200)]
+    assert abs(statistics.fmean(d.reward_start for d in signed) + 0.6) < 0.02  # a -1/+1 verifier's mean survives
 
 
 def accountant_epsilon(rounds, sigma, rate, delta, stats_sigma=0.0):

@@ -133,7 +133,8 @@ class RunConfig:
                          "sum (central) or sigma * C on each update (local), > 0.")
     dp_delta: float = _f(1e-5, "delta of the reported (epsilon, delta) guarantee, in (0, 1).")
     dp_stats_noise: float = _f(0.0, "Noise multiplier sigma_s on each client's r_start, r_end and reward std "
-                               "(clipped to [0, reward range]); 0 sends them as they are. Needs dp != 'off'.")
+                               "(clipped to [-R, R], R its reward range); 0 sends them as they are. "
+                               "Needs dp != 'off'.")
     secure_aggregation: bool = _f(False, "Flower runtime only: the server gets only sum_k w_k delta_k, through "
                                   "Flower's SecAgg+ (clients first send their statistics, then their weighted "
                                   "masked delta).")
@@ -206,15 +207,13 @@ class RunConfig:
         _check("dp_noise", self.dp_noise, self.dp_noise > 0, "> 0")
         _check("dp_delta", self.dp_delta, 0 < self.dp_delta < 1, "0 < dp_delta < 1")
         _check("dp_stats_noise", self.dp_stats_noise, self.dp_stats_noise >= 0, ">= 0 (0: statistics sent as they are)")
-        if self.dp != "off" and self.strategy in ("local-only", "centralized"):
-            raise ConfigError(f"dp = {self.dp!r} applies to federated strategies; strategy = {self.strategy!r} "
-                              "has no aggregation to protect")
         _check("secagg_clip_range", self.secagg_clip_range, self.secagg_clip_range > 0, "> 0")
+        if (self.dp != "off" or self.secure_aggregation) and self.strategy in ("local-only", "centralized"):
+            raise ConfigError(f"dp and secure_aggregation apply to federated strategies; strategy = "
+                              f"{self.strategy!r} has no aggregation to protect")
         if self.secure_aggregation and self.dp == "server":
             raise ConfigError("dp = 'server' clips each update at the server, which secure aggregation hides from "
                               "it; use dp = 'client' (clients clip, the server noises the sum) or 'local'")
-        if self.secure_aggregation and self.strategy in ("local-only", "centralized"):
-            raise ConfigError(f"secure_aggregation applies to federated strategies, not {self.strategy!r}")
         if self.dp_stats_noise > 0 and self.dp == "off":
             raise ConfigError(f"dp_stats_noise = {self.dp_stats_noise} needs dp = 'server', 'client' or 'local' "
                               "(the statistics alone would be private while the updates are not)")

@@ -15,8 +15,9 @@ fixed (as Flower's DP FedAvg treats 1/m): they are computed from the statistics 
 are private only when those are (``dp_stats_noise > 0``), and are otherwise revealed to the server.
 
 Statistics (r_start, r_end, reward_std): with ``dp_stats_noise = sigma_s > 0`` each client clips
-them to [0, reward_range] and adds N(0, (sigma_s * sqrt(3) * reward_range)^2) to each before sending
-(the L2 sensitivity of the clipped 3-vector is sqrt(3) * range). FGRPO's weights, baselines and
+them to [-R, R] (R = its reward range, so a -1/+1 verifier's negative means survive) and adds
+N(0, (sigma_s * 2 sqrt(3) R)^2) to each before sending (two clipped 3-vectors are at most
+2 sqrt(3) R apart in L2). FGRPO's weights, baselines and
 every other server decision are then post-processing of noised values.
 
 Accounting: Opacus' RDP accountant, one Gaussian mechanism per round for the updates (noise
@@ -37,7 +38,6 @@ from opacus.accountants import RDPAccountant
 from fgrpo.aggregation import ClientStats, update_norm
 
 Adapter = dict[str, torch.Tensor]
-MODES = ("off", "server", "client", "local")
 
 
 def clip_update(delta: Adapter, clip: float) -> tuple[Adapter, bool]:
@@ -61,11 +61,11 @@ def central_noise_std(noise_multiplier: float, clip: float, weights: list[float]
 
 
 def privatize_stats(stats: ClientStats, noise_multiplier: float, seed: int) -> ClientStats:
-    """Clip r_start, r_end, reward_std to [0, reward_range] and add N(0, (sigma_s sqrt(3) range)^2)."""
+    """Clip r_start, r_end, reward_std to [-R, R] (R = reward_range) and add N(0, (sigma_s 2 sqrt(3) R)^2)."""
     gen = torch.Generator().manual_seed(seed)
     scale = stats.reward_range
-    std = noise_multiplier * math.sqrt(3) * scale
-    noisy = [min(max(v, 0.0), scale) + std * float(torch.randn((), generator=gen, dtype=torch.float64))
+    std = noise_multiplier * 2 * math.sqrt(3) * scale
+    noisy = [min(max(v, -scale), scale) + std * float(torch.randn((), generator=gen, dtype=torch.float64))
              for v in (stats.reward_start, stats.reward_end, stats.reward_std)]
     return ClientStats(stats.client_id, stats.num_prompts, noisy[0], noisy[1], max(noisy[2], 0.0), scale)
 

@@ -13,9 +13,10 @@ A round has two phases:
 The server never sees a single client's delta; it sees the statistics (docs/privacy.md: with
 ``dp_stats_noise`` they are noised at the client) and the weighted sum.
 
-Quantization: SecAgg+ clips every value to [-c, c] (c = ``secagg_clip_range``) and maps it to one of
-Q = 2^22 integer levels; the weight w_k goes through the same Q levels. The unmasked sum differs from
-the exact one by at most about c / (Q - 1) per element (2.4e-7 for c = 1; tests/test_flower.py).
+Quantization: SecAgg+ clips every value to [-c, c] (c = ``secagg_clip_range``) and rounds it
+stochastically to a grid of Q = 2^22 levels (step 2c / Q); the weight w_k goes through the same
+levels. The unmasked sum of K clients differs from the exact one by less than K * 2c / Q per value
+(tests/test_flower.py).
 Values beyond c are clipped: a client reports its largest |delta| as ``max_abs_delta``.
 """
 
@@ -99,7 +100,8 @@ class WeightedFit(Strategy):
 def secure_weighted_sum(grid: Grid, context: Context, server_round: int, weights: dict[int, float],
                         reference: Adapter, clip_range: float, timeout: float) -> Adapter | None:
     """sum_k w_k delta_k over the nodes in ``weights`` through SecAgg+, as tensors shaped like
-    ``reference``; None when the protocol could not finish (too many clients dropped)."""
+    ``reference``; None when the protocol did not finish or a client failed in it (the weights of the
+    round's rows would then not be the ones applied)."""
     strategy = WeightedFit(grid, context.run_id, weights)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=server_round), strategy=strategy)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
