@@ -29,14 +29,13 @@ import psutil
 def measure(clients: int, train_size: int, model: str) -> dict:
     """Run in a child process: peak RSS (bytes) after one round with ``clients`` clients."""
     from fgrpo.config import build_config
-    from fgrpo.runner import quiet_libraries
-    from fgrpo.simulation import Federation
+    from fgrpo.runner import InProcessFederation, quiet_libraries
 
     quiet_libraries()
     cfg = build_config(overrides={"num_clients": clients, "fraction": min(1.0, 4 / clients),
                                   "local_steps": 2, "train_size": train_size, "rounds": 1,
                                   "model": model})
-    fed = Federation(cfg)
+    fed = InProcessFederation(cfg)
     gc.collect()
     setup = psutil.Process().memory_info().rss  # base model + every client's data, before training
     fed.run_round(1)

@@ -22,8 +22,7 @@ import psutil
 import torch
 
 from fgrpo.config import build_config
-from fgrpo.runner import quiet_libraries
-from fgrpo.simulation import Federation
+from fgrpo.runner import InProcessFederation, quiet_libraries
 
 
 def main() -> None:
@@ -35,7 +34,7 @@ def main() -> None:
     feds, setup = {}, {}
     for name, clients, fraction in (("100 clients, 10%", 100, 0.1), ("10 clients, 100%", 10, 1.0)):
         start = time.perf_counter()
-        feds[name] = Federation(build_config(overrides={"num_clients": clients, "fraction": fraction,
+        feds[name] = InProcessFederation(build_config(overrides={"num_clients": clients, "fraction": fraction,
                                                         "rounds": rounds, **extra}))
         setup[name] = time.perf_counter() - start
     seconds: dict[str, list[float]] = {name: [] for name in feds}

@@ -70,8 +70,7 @@ def compare(path: str, cfg: RunConfig, steps: int, warmup: int) -> dict:
     model = add_lora(base, cfg.lora_r, cfg.lora_alpha, 0.0, seed=0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    settings = GRPOSettings(local_steps=1, prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
-                            max_new_tokens=cfg.max_new_tokens, max_grad_norm=cfg.max_grad_norm)
+    settings = GRPOSettings.from_config(cfg, local_steps=1)
     order = torch.Generator().manual_seed(1)
 
     def our_batches():

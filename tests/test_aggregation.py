@@ -1,4 +1,4 @@
-"""Property tests of the aggregation weights (DESIGN section 4), on hand-made statistics."""
+"""Property tests of the aggregation weights (docs/algorithm.md, section 3), on hand-made statistics."""
 
 import math
 
@@ -7,10 +7,8 @@ import torch
 
 from fgrpo import aggregation
 from fgrpo.aggregation import (
-    STRATEGIES,
     ClientBaseline,
     ClientStats,
-    FGRPOSettings,
     apply_update,
     fedavg,
     fgrpo,
@@ -19,6 +17,15 @@ from fgrpo.aggregation import (
     relative_gain,
     reward_weighted,
 )
+from fgrpo.config import RunConfig
+from fgrpo.strategies import STRATEGIES as REGISTRY
+
+STRATEGIES = {name: s.weigh for name, s in REGISTRY.items() if s.weigh is not None}
+
+
+def fgrpo_settings(**overrides) -> aggregation.FGRPOSettings:
+    return aggregation.FGRPOSettings.from_config(RunConfig(**overrides))
+
 
 STATS = [
     ClientStats("a", 40, 0.2, 0.5, 0.3, 1.0),
@@ -50,7 +57,7 @@ def transformed(stats, history, client, scale=1.0, shift=0.0):
 @pytest.mark.parametrize("form", ["z", "ratio"])
 @pytest.mark.parametrize("history", [{}, HISTORY], ids=["first-round", "with-history"])
 def test_weights_sum_to_one_and_are_floored(form, history):
-    settings = FGRPOSettings(gain_form=form, tau=0.5, uniform_mix=0.2, size_exponent=1.0)
+    settings = fgrpo_settings(gain_form=form, tau=0.5, uniform_mix=0.2, size_exponent=1.0)
     w = fgrpo(STATS, history, settings).weights
     assert math.isclose(sum(w), 1.0, abs_tol=1e-12)
     assert all(x >= 0.2 / len(STATS) - 1e-12 for x in w)
@@ -60,7 +67,7 @@ def test_weights_sum_to_one_and_are_floored(form, history):
 @pytest.mark.parametrize("scale", [1e-3, 0.5, 7.0, 1e4])
 @pytest.mark.parametrize("client", ["a", "b", "d"])
 def test_weights_invariant_to_reward_scale(form, scale, client):
-    settings = FGRPOSettings(gain_form=form, tau=0.7, size_exponent=0.5)
+    settings = fgrpo_settings(gain_form=form, tau=0.7, size_exponent=0.5)
     for history in ({}, HISTORY):
         before = fgrpo(STATS, history, settings).weights
         after = fgrpo(*transformed(STATS, history, client, scale=scale), settings).weights
@@ -69,7 +76,7 @@ def test_weights_invariant_to_reward_scale(form, scale, client):
 
 @pytest.mark.parametrize("shift", [-5.0, 0.3, 100.0])
 def test_z_weights_invariant_to_reward_shift(shift):
-    settings = FGRPOSettings(gain_form="z")
+    settings = fgrpo_settings(gain_form="z")
     for history in ({}, HISTORY):
         before = fgrpo(STATS, history, settings).weights
         after = fgrpo(*transformed(STATS, history, "b", shift=shift), settings).weights
@@ -78,7 +85,7 @@ def test_z_weights_invariant_to_reward_shift(shift):
 
 def test_ratio_weights_do_change_with_a_shift():
     """The ratio form is not shift invariant (documented); the test shows it can fail."""
-    settings = FGRPOSettings(gain_form="ratio")
+    settings = fgrpo_settings(gain_form="ratio")
     before = fgrpo(STATS, HISTORY, settings).weights
     after = fgrpo(*transformed(STATS, HISTORY, "b", shift=50.0), settings).weights
     assert after != pytest.approx(before, rel=1e-3)
@@ -87,7 +94,7 @@ def test_ratio_weights_do_change_with_a_shift():
 @pytest.mark.parametrize("strategy", [reward_weighted, gain_no_baseline])
 def test_strawmen_are_scale_sensitive(strategy):
     """The invariance test would catch a scale-sensitive rule: these two are."""
-    settings = FGRPOSettings()
+    settings = fgrpo_settings()
     before = strategy(STATS, {}, settings).weights
     after = strategy(*transformed(STATS, {}, "b", scale=10.0), settings).weights
     assert after != pytest.approx(before, rel=1e-3)
@@ -96,27 +103,27 @@ def test_strawmen_are_scale_sensitive(strategy):
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_gives_a_distribution(name):
     for history in ({}, HISTORY):
-        w = STRATEGIES[name](STATS, history, FGRPOSettings()).weights
+        w = STRATEGIES[name](STATS, history, fgrpo_settings()).weights
         assert len(w) == len(STATS) and math.isclose(sum(w), 1.0, abs_tol=1e-12) and min(w) >= 0
 
 
 def test_reward_weighted_by_hand():
     # r_end = 0.5, 2.0, 0.7, -0.2 -> clipped at 0 -> 0.5, 2.0, 0.7, 0
-    w = reward_weighted(STATS, {}, FGRPOSettings()).weights
+    w = reward_weighted(STATS, {}, fgrpo_settings()).weights
     assert w == pytest.approx([0.5 / 3.2, 2.0 / 3.2, 0.7 / 3.2, 0.0])
     zero = [ClientStats(s.client_id, s.num_prompts, 0, -1.0, 0, 1) for s in STATS]
-    assert reward_weighted(zero, {}, FGRPOSettings()).weights == pytest.approx([0.25] * 4)
+    assert reward_weighted(zero, {}, fgrpo_settings()).weights == pytest.approx([0.25] * 4)
 
 
 def test_gain_no_baseline_by_hand():
-    out = gain_no_baseline(STATS, {}, FGRPOSettings(tau=0.5))
+    out = gain_no_baseline(STATS, {}, fgrpo_settings(tau=0.5))
     gains = [s.reward_end - s.reward_start for s in STATS]
     expected = torch.softmax(torch.tensor(gains, dtype=torch.float64) / 0.5, 0).tolist()
     assert out.gains == pytest.approx(gains) and out.weights == pytest.approx(expected)
 
 
 def test_first_participation_initialises_baseline():
-    settings = FGRPOSettings(baseline_momentum=0.5, gain_floor=0.05)
+    settings = fgrpo_settings(baseline_momentum=0.5, gain_floor=0.05)
     out = fgrpo(STATS[:1], {}, settings)
     a = STATS[0]
     # b_a starts at r_start = 0.2, then EMA with r_end = 0.5 -> 0.35
@@ -127,7 +134,7 @@ def test_first_participation_initialises_baseline():
 
 
 def test_absent_clients_keep_their_state():
-    out = fgrpo(STATS[:2], HISTORY, FGRPOSettings())
+    out = fgrpo(STATS[:2], HISTORY, fgrpo_settings())
     assert out.client_baselines["c"] == HISTORY["c"]
     assert out.client_baselines["d"] == HISTORY["d"]
     assert out.client_baselines["a"] != HISTORY["a"]
@@ -151,12 +158,12 @@ def test_gain_weights_formula_by_hand():
 def test_higher_gain_gets_higher_weight():
     history = {k: ClientBaseline(0.5, 0.1, 1.0) for k in "xy"}
     stats = [ClientStats("x", 8, 0.5, 0.9, 0.1, 1.0), ClientStats("y", 8, 0.5, 0.4, 0.1, 1.0)]
-    w = fgrpo(stats, history, FGRPOSettings()).weights
+    w = fgrpo(stats, history, fgrpo_settings()).weights
     assert w[0] > w[1]
 
 
 def test_fedavg_is_data_share():
-    w = fedavg(STATS, {}, FGRPOSettings()).weights
+    w = fedavg(STATS, {}, fgrpo_settings()).weights
     total = sum(s.num_prompts for s in STATS)
     assert w == pytest.approx([s.num_prompts / total for s in STATS])
 
@@ -174,7 +181,7 @@ def test_server_sgd_is_the_weighted_sum():
     deltas = [{"a": torch.tensor([1.0, 0.0])}, {"a": torch.tensor([0.0, 2.0])}]
     delta = aggregation.pseudo_gradient(deltas, [0.25, 0.75])
     assert torch.allclose(delta["a"], torch.tensor([0.25, 1.5]))
-    new, state = aggregation.server_step(theta, delta, aggregation.ServerOptimizer("sgd", lr=2.0),
+    new, state = aggregation.server_step(theta, delta, aggregation.ServerOptimizer("sgd", 2.0, 0.9, 0.99, 1e-3),
                                          aggregation.ServerOptimizerState())
     assert torch.allclose(new["a"], torch.tensor([1.5, 2.0])) and state.step == 1
     assert torch.equal(theta["a"], torch.tensor([1.0, -1.0]))  # inputs untouched

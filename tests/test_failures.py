@@ -5,17 +5,18 @@ import pytest
 import torch
 
 from fgrpo.config import build_config
-from fgrpo.simulation import Federation, RoundFailed
+from fgrpo.federation import RoundFailed
+from fgrpo.runner import InProcessFederation
 from tiny import MOVING, TINY
 
 OPTIONS = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
 
 
-def federation(tmp_path, **extra) -> Federation:
-    return Federation(build_config(overrides={**OPTIONS, "num_clients": 3, **MOVING, **extra}))
+def federation(tmp_path, **extra) -> InProcessFederation:
+    return InProcessFederation(build_config(overrides={**OPTIONS, "num_clients": 3, **MOVING, **extra}))
 
 
-def corrupt(fed: Federation, client_id: str, change) -> None:
+def corrupt(fed: InProcessFederation, client_id: str, change) -> None:
     """Make one client's training misbehave as ``change`` says."""
     train = fed.train_client
 

@@ -11,13 +11,14 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from fgrpo.aggregation import ClientStats
 from fgrpo.cli import main
-from fgrpo.flower import task
-from fgrpo.simulation import ClientUpdate
+from fgrpo.federation import ClientUpdate
+from fgrpo.flower import wire
 from tiny import MOVING, MOVING_ARGS, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,14 +27,14 @@ TINY_RUN_CONFIG = " ".join(f"{TINY[i][2:]}={TINY[i + 1]}" for i in range(0, len(
 
 def test_flower_run_config_mirrors_every_fgrpo_option():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert pyproject["tool"]["flwr"]["app"]["config"] == task.run_config_keys(), (
-        "pyproject.toml's [tool.flwr.app.config] is stale: replace it with `python -m fgrpo.flower.task`")
+    assert pyproject["tool"]["flwr"]["app"]["config"] == wire.run_config_keys(), (
+        "pyproject.toml's [tool.flwr.app.config] is stale: replace it with `python -m fgrpo.flower.wire`")
 
 
 def test_reply_round_trip_keeps_the_update():
     update = ClientUpdate(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0), {"a": torch.ones(2, 3), "b": torch.ones(3)},
                           {"loss": 0.5}, 1.0, "spell_backward", "x1")
-    back = task.content_update(task.update_content(update))
+    back = wire.content_update(wire.update_content(update))
     assert back.stats == update.stats and back.metrics == {"loss": 0.5} and back.task == "spell_backward"
     assert back.delta.keys() == update.delta.keys() and torch.equal(back.delta["a"], torch.ones(2, 3))
 
@@ -196,3 +197,42 @@ def test_run_survives_a_supernode_stopped_mid_run(tmp_path):
                  for rnd in (1, 2, 3)}
     assert per_round[1] == ["owner-a", "owner-b"] and per_round[3] == ["owner-a"]  # both, then the survivor
     assert not any(group_alive(p) for p in pids)
+
+
+class NodesOnly:
+    """The part of a Flower Grid that sampling reads: the connected SuperNodes."""
+
+    def __init__(self, node_ids: list[int]):
+        self.ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+
+def test_dp_accounting_counts_the_supernodes_when_owners_bring_their_own_data(tmp_path):
+    """A ServerApp whose SuperNodes bring their own data holds no client list; its sampling rate for
+    privacy accounting is clients per round over the nodes taking part (it divided by zero before)."""
+    from opacus.accountants import RDPAccountant
+
+    from fgrpo.aggregation import update_norm
+    from fgrpo.config import build_config
+    from fgrpo.federation import Federation
+    from fgrpo.flower.server_app import FGRPOStrategy
+    from fgrpo.rundir import RunRecorder
+
+    options = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
+    cfg = build_config(overrides={**options, "scenario": "user-data", "dp": "server", "dp_noise": 0.9,
+                                  "fraction": 0.5, "cache_dir": str(tmp_path / "cache")})
+    fed = Federation(cfg, remote_clients=True)
+    strategy = FGRPOStrategy(fed, RunRecorder(tmp_path / "run", fed))
+    nodes = strategy.participants(1, NodesOnly([11, 12, 13, 14]))
+    assert len(nodes) == 2
+    updates = [ClientUpdate(ClientStats(f"owner-{node}", 4, 0.2, 0.5, 0.3, 1.0),
+                            {k: torch.full_like(v, 1e-3) for k, v in fed.global_adapter.items()}, {}, 1.0)
+               for node in nodes]
+    rows = fed.finish_round(1, updates)
+    server = next(r for r in rows if r["kind"] == "server")
+    accountant = RDPAccountant()
+    accountant.step(noise_multiplier=0.9, sample_rate=0.5)
+    assert server["epsilon"] == pytest.approx(accountant.get_epsilon(cfg.dp_delta), rel=1e-9)
+    assert update_norm(fed.global_adapter) > 0

@@ -4,9 +4,13 @@ import pytest
 import torch
 
 from fgrpo import tasks
-from fgrpo.grpo import GRPOSettings, generate, group_advantages, grpo_loss, local_grpo, per_token_logps
+from fgrpo.config import RunConfig
+from fgrpo.grpo import GRPOSettings, generate, group_advantages, grpo_loss, local_grpo, per_token_logps, prompt_batches
 from fgrpo.model import add_lora, build_tiny_model, char_tokenizer
-from fgrpo.simulation import prompt_batches
+
+
+def grpo_settings(local_steps: int, **overrides) -> GRPOSettings:
+    return GRPOSettings.from_config(RunConfig(**overrides), local_steps=local_steps)
 
 
 def test_group_advantages_by_hand():
@@ -162,7 +166,7 @@ def test_local_grpo_changes_only_the_adapter(tiny_lora):
     train = tasks.train_split("spell_backward", 16, seed=0)
     reward = lambda ex, text: float(len(text))  # a dense reward so that groups differ
     result = local_grpo(model, tokenizer, opt, prompt_batches(train, 2, 0), reward,
-                        GRPOSettings(local_steps=2, prompts_per_step=2, group_size=4, max_new_tokens=5))
+                        grpo_settings(local_steps=2, prompts_per_step=2, group_size=4, max_new_tokens=5))
     assert result.num_prompts == 4
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
@@ -175,7 +179,7 @@ def test_local_grpo_with_kl_and_mu(tiny_lora):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     train = tasks.train_split("spell_backward", 16, seed=0)
     reward = lambda ex, text: float(len(text))
-    cfg = GRPOSettings(local_steps=3, prompts_per_step=2, group_size=4, max_new_tokens=5, beta=0.1, mu=2)
+    cfg = grpo_settings(local_steps=3, prompts_per_step=2, group_size=4, max_new_tokens=5, beta=0.1, mu=2)
     result = local_grpo(model, tokenizer, opt, prompt_batches(train, 2, 0), reward, cfg)
     assert result.metrics["kl"] > 0  # the adapter has moved away from the base model
     with model.disable_adapter():  # the reference really is the base: no LoRA contribution
@@ -198,7 +202,7 @@ def test_fedprox_term_adds_mu_times_the_drift_to_the_gradient():
         params = [p for p in model.parameters() if p.requires_grad]
         starts.append([p.detach().clone() for p in params])
         torch.manual_seed(0)
-        cfg = GRPOSettings(local_steps=steps, prompts_per_step=2, group_size=4, max_new_tokens=5,
+        cfg = grpo_settings(local_steps=steps, prompts_per_step=2, group_size=4, max_new_tokens=5,
                            proximal_mu=mu, max_grad_norm=0.0)
         result = local_grpo(model, tokenizer, torch.optim.SGD(params, lr=0.5), prompt_batches(train, 2, 0),
                             reward, cfg)

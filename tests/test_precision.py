@@ -7,9 +7,10 @@ import torch
 
 from fgrpo.aggregation import ClientStats
 from fgrpo.config import build_config
-from fgrpo.flower import task
+from fgrpo.federation import ClientUpdate
+from fgrpo.flower import wire
 from fgrpo.model import autocast_context
-from fgrpo.simulation import ClientUpdate, Federation
+from fgrpo.runner import InProcessFederation
 from tiny import MOVING, TINY
 
 OPTIONS = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
@@ -21,10 +22,10 @@ def test_half_precision_delta_crosses_the_wire_exactly_in_half_the_bytes(dtype):
     delta = {"a": torch.randn(256, 256, generator=gen), "b": torch.randn(256, generator=gen)}
     full = ClientUpdate(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0), delta, {}, 1.0, "t", "x1")
     half = ClientUpdate(full.stats, {k: v.to(dtype) for k, v in delta.items()}, {}, 1.0, "t", "x1")
-    full_bytes = task.update_content(full)["delta"].count_bytes()
-    half_bytes = task.update_content(half)["delta"].count_bytes()
+    full_bytes = wire.update_content(full)["delta"].count_bytes()
+    half_bytes = wire.update_content(half)["delta"].count_bytes()
     assert half_bytes < 0.51 * full_bytes  # plus a few bytes of names and shapes
-    back = task.content_update(task.update_content(half))
+    back = wire.content_update(wire.update_content(half))
     assert all(back.delta[k].dtype == dtype and torch.equal(back.delta[k], half.delta[k]) for k in delta)
 
 
@@ -32,7 +33,7 @@ def test_half_precision_run_stays_close_to_float32(tmp_path):
     """Same seed, one round: the global adapter moves by the float32 update up to float16 rounding."""
     adapters = {}
     for dtype in ("float32", "float16"):
-        fed = Federation(build_config(overrides={**OPTIONS, "num_clients": 2, **MOVING,
+        fed = InProcessFederation(build_config(overrides={**OPTIONS, "num_clients": 2, **MOVING,
                                                  "delta_dtype": dtype, "lr": 0.05}))
         start = {k: v.clone() for k, v in fed.global_adapter.items()}
         sent = []
@@ -65,7 +66,8 @@ def test_mixed_precision_resolves_by_device_and_bf16_runs():
 def test_bf16_autocast_round_trains_the_adapter(tmp_path):
     rounds = {}
     for precision in ("no", "bf16"):
-        fed = Federation(build_config(overrides={**OPTIONS, "num_clients": 3, **MOVING, "mixed_precision": precision}))
+        fed = InProcessFederation(build_config(overrides={**OPTIONS, "num_clients": 3, **MOVING,
+                                                          "mixed_precision": precision}))
         start = {k: v.clone() for k, v in fed.global_adapter.items()}
         fed.run_round(1)
         rounds[precision] = torch.cat([(fed.global_adapter[k] - start[k]).flatten() for k in start])

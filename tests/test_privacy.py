@@ -13,7 +13,7 @@ from fgrpo import privacy
 from fgrpo.aggregation import ClientStats, update_norm
 from fgrpo.cli import main
 from fgrpo.config import ConfigError, build_config
-from fgrpo.simulation import Federation
+from fgrpo.runner import InProcessFederation
 from tiny import TINY
 
 OPTIONS = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
@@ -69,7 +69,7 @@ def test_dp_run_reports_the_accountants_epsilon_every_round(tmp_path, dp, stats_
     cfg = build_config(overrides={**OPTIONS, "num_clients": 4, "fraction": 0.5, "rounds": 3, "dp": dp,
                                   "dp_noise": 0.9, "dp_clip": 0.05, "dp_stats_noise": stats_noise,
                                   "cache_dir": str(tmp_path)})
-    fed = Federation(cfg)
+    fed = InProcessFederation(cfg)
     sent = []
     train = fed.train_client
 

@@ -24,9 +24,16 @@ Baselines, all on the same interface (statistics in, weights out):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from fgrpo.config import RunConfig
+
+Adapter = dict[str, torch.Tensor]  # LoRA tensor name -> tensor
 
 
 @dataclass(frozen=True)
@@ -53,12 +60,19 @@ class ClientBaseline:
 
 @dataclass(frozen=True)
 class FGRPOSettings:
-    gain_form: str = "z"
-    tau: float = 1.0
-    baseline_momentum: float = 0.5
-    uniform_mix: float = 0.1
-    size_exponent: float = 0.0
-    gain_floor: float = 0.05
+    """The server's weighting settings (defaults and meanings: RunConfig)."""
+
+    gain_form: str
+    tau: float
+    baseline_momentum: float
+    uniform_mix: float
+    size_exponent: float
+    gain_floor: float
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> FGRPOSettings:
+        return cls(gain_form=cfg.gain_form, tau=cfg.tau, baseline_momentum=cfg.baseline_momentum,
+                   uniform_mix=cfg.uniform_mix, size_exponent=cfg.size_exponent, gain_floor=cfg.gain_floor)
 
 
 @dataclass
@@ -163,14 +177,14 @@ def gain_no_baseline(stats: list[ClientStats], client_baselines: dict[str, Clien
     return RoundWeights(weights, gains, dict(client_baselines))
 
 
-STRATEGIES = {"fgrpo": fgrpo, "fedavg": fedavg, "uniform": uniform, "reward-weighted": reward_weighted,
-              "gain-no-baseline": gain_no_baseline}
+WeightFn = Callable[[list[ClientStats], dict[str, ClientBaseline], FGRPOSettings], RoundWeights]
+# the strategies that use them: fgrpo.strategies.STRATEGIES
 
 
 def apply_update(global_params: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]],
                  weights: list[float], server_lr: float) -> dict[str, torch.Tensor]:
     """theta_{t+1} = theta_t + eta * sum_k w_k * delta_k (new tensors; inputs untouched)."""
-    return server_step(global_params, pseudo_gradient(deltas, weights), ServerOptimizer(lr=server_lr),
+    return server_step(global_params, pseudo_gradient(deltas, weights), ServerOptimizer("sgd", server_lr, 0, 0, 1),
                        ServerOptimizerState())[0]
 
 
@@ -221,11 +235,15 @@ def pseudo_gradient(deltas: list[dict[str, torch.Tensor]], weights: list[float])
 class ServerOptimizer:
     """How the server applies the weighted pseudo-gradient (Reddi et al. 2021, as in Flower)."""
 
-    kind: str = "sgd"  # sgd | adam | yogi
-    lr: float = 1.0  # eta
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-3  # the adaptivity tau of FedAdam / FedYogi
+    kind: str  # sgd | adam | yogi
+    lr: float  # eta
+    beta1: float
+    beta2: float
+    eps: float  # the adaptivity tau of FedAdam / FedYogi
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> ServerOptimizer:
+        return cls(cfg.server_optimizer, cfg.server_lr, cfg.server_beta1, cfg.server_beta2, cfg.server_eps)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from fgrpo.config import ConfigError, RunConfig, build_config, comma_list, config_fields
+from fgrpo.strategies import MODIFIERS, STRATEGIES
 
 
 def _option(name: str) -> str:
@@ -29,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="strategies x scenarios x seeds into one results directory",
                          description="Run every strategy on every scenario with every seed (finished runs "
                          "are reused, interrupted ones resumed), then write table.csv, table.md and plots. "
-                         "Strategy names: any --strategy value, fedprox, fedadam, fedyogi, or "
-                         "weighting+modifier such as fgrpo+fedadam.")
+                         f"Strategy names: any --strategy value ({', '.join(STRATEGIES)}), a modifier "
+                         f"({', '.join(MODIFIERS)}), or weighting+modifier such as fgrpo+fedadam.")
     cmp.add_argument("--preset", help="packaged preset name (main, tiny, ...) or a preset .toml file")
     cmp.add_argument("--strategies", help="comma-separated strategy names (overrides the preset)")
     cmp.add_argument("--scenarios", help="comma-separated scenarios (overrides the preset)")

@@ -29,46 +29,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fgrpo.config import STRATEGIES, ConfigError, RunConfig, build_config
+from fgrpo import strategies
+from fgrpo.config import ConfigError, RunConfig, build_config
 from fgrpo.rundir import read_metrics
 
-# Named strategies of a comparison: a weighting (RunConfig.strategy) plus optional modifiers.
-FEDPROX_MU = 1.0  # FedProx weight of the `fedprox` recipes: its gradient mu * (theta - theta_t) is then of
-# the order of the clipped GRPO gradient per coordinate at the end of a round on the embedded default
-SERVER_ADAPTIVE_LR = 0.003  # server step of the `fedadam` / `fedyogi` recipes: about the RMS of one
-# client delta coordinate on the embedded default (||delta|| ~ 1.0 over 164k LoRA values), so the first
-# adaptive step is as large as an sgd step
-MODIFIERS: dict[str, dict[str, Any]] = {
-    "fedprox": {"proximal_mu": FEDPROX_MU},
-    "fedadam": {"server_optimizer": "adam", "server_lr": SERVER_ADAPTIVE_LR},
-    "fedyogi": {"server_optimizer": "yogi", "server_lr": SERVER_ADAPTIVE_LR},
-}
 LAST_ROUNDS = 3  # "spread over the last rounds": std of macro accuracy over the last 3 evaluations
 
 
 def recipe(name: str) -> dict[str, Any]:
-    """Config overrides of a named strategy: ``fgrpo``, ``fedprox`` (= fedavg + proximal term),
-    ``fedadam``, ``fgrpo+fedadam``, ``fgrpo+fedprox+fedyogi``, ..., optionally followed by
-    ``[key=value,...]`` config settings (``fgrpo[tau=0.3,gain_form=ratio]``)."""
-    settings: dict[str, Any] = {}
-    if name.endswith("]") and "[" in name:
-        name, inner = name[:-1].split("[", 1)
-        for item in filter(None, (i.strip() for i in inner.split(","))):
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"strategies: {item!r} in {name}[...] is not key=value")
-            settings[key.strip()] = value.strip()
-    parts = name.split("+")
-    base = parts[0] if parts[0] in STRATEGIES else "fedavg"
-    mods = parts[1:] if parts[0] in STRATEGIES else parts
-    out: dict[str, Any] = {"strategy": base}
-    for mod in mods:
-        if mod not in MODIFIERS:
-            valid = ", ".join([*STRATEGIES, *MODIFIERS])
-            raise ConfigError(f"strategies: {name!r} is not known; use one of {valid}, or weighting+modifier "
-                              f"such as fgrpo+fedadam")
-        out.update(MODIFIERS[mod])
-    return {**out, **settings}
+    """Config overrides of a comparison's strategy name (``fgrpo+fedadam[tau=0.3]``; fgrpo.strategies.recipe)."""
+    try:
+        return strategies.recipe(name)
+    except ValueError as err:
+        raise ConfigError(f"strategies: {err}") from None
 
 
 @dataclass
@@ -288,7 +261,7 @@ def plot_scenario(plan: Plan, runs: list[tuple[str, RunConfig]], scenario: str, 
         ax.fill_between(rounds, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
                         alpha=0.15)
         first = next(c for n_, c in runs if n_ == strategy and c.scenario == scenario)
-        if first.strategy not in ("fedavg", "uniform", "centralized", "local-only"):
+        if strategies.STRATEGIES[first.strategy].adaptive:
             weight_runs.append((strategy, first.out))
     ax.set_xlabel("round")
     ax.set_ylabel("held-out macro accuracy (greedy)")

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("fgrpo", "fedavg", "uniform", "reward-weighted", "gain-no-baseline", "centralized", "local-only")
+from fgrpo.strategies import STRATEGIES
+
 SCENARIOS = ("scale-skew", "task-skew", "difficulty-skew", "dirichlet", "quantity-skew", "user-data")
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
@@ -49,10 +50,8 @@ class RunConfig:
     answer_column: str = _f("answer", "Column (JSON field) of the data sources holding the gold answer.")
     skip_bad_rows: bool = _f(False, "Skip malformed rows of the data sources (and report how many) "
                              "instead of stopping with an error that names the row.")
-    strategy: str = _f("fgrpo", f"Server aggregation: one of {', '.join(STRATEGIES)}. 'centralized' "
-                       "trains one model on every client's prompts pooled (same steps per round as "
-                       "all clients together); 'local-only' trains each client alone and evaluates "
-                       "it on its own tasks.")
+    strategy: str = _f("fgrpo", "Server aggregation: " + "; ".join(f"'{s.name}' ({s.summary})"
+                                                                  for s in STRATEGIES.values()) + ".")
     tasks: str = _f("spell_backward,number_sorting,letter_counting", "Comma-separated task "
                     "families; client k holds family k mod len(tasks). Known: spell_backward, "
                     "number_sorting, letter_counting, word_sorting; 'family@1'..'@3' are difficulty "
@@ -150,6 +149,13 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every value; raise ConfigError naming the first bad one."""
+        self._check_choices()
+        self._check_ranges()
+        self._check_combinations()
+        return self
+
+    def _check_choices(self) -> None:
+        """Keys with a fixed set of valid values, and the task names."""
         choices = {
             "scenario": SCENARIOS, "strategy": STRATEGIES, "loss_type": LOSS_TYPES,
             "gain_form": GAIN_FORMS, "scale_rewards": SCALE_REWARDS, "server_optimizer": SERVER_OPTIMIZERS,
@@ -172,6 +178,9 @@ class RunConfig:
         for task in self.task_list:
             if task not in TASKS:
                 raise ConfigError(f"tasks: {task!r} is not a known task; choose from: {', '.join(TASKS)}")
+
+    def _check_ranges(self) -> None:
+        """Numeric keys, each against its range."""
         at_least_one = ("rounds", "num_clients", "train_size", "eval_size", "eval_every",
                         "local_steps", "prompts_per_step", "max_new_tokens", "mu", "lora_r",
                         "lora_alpha", "checkpoint_every", "checkpoint_keep")
@@ -208,7 +217,10 @@ class RunConfig:
         _check("dp_delta", self.dp_delta, 0 < self.dp_delta < 1, "0 < dp_delta < 1")
         _check("dp_stats_noise", self.dp_stats_noise, self.dp_stats_noise >= 0, ">= 0 (0: statistics sent as they are)")
         _check("secagg_clip_range", self.secagg_clip_range, self.secagg_clip_range > 0, "> 0")
-        if (self.dp != "off" or self.secure_aggregation) and self.strategy in ("local-only", "centralized"):
+
+    def _check_combinations(self) -> None:
+        """Settings that are valid alone but not together, and what the machine must have."""
+        if (self.dp != "off" or self.secure_aggregation) and not STRATEGIES[self.strategy].federated:
             raise ConfigError(f"dp and secure_aggregation apply to federated strategies; strategy = "
                               f"{self.strategy!r} has no aggregation to protect")
         if self.secure_aggregation and self.dp == "server":
@@ -225,7 +237,6 @@ class RunConfig:
         if self.model != "embedded" and _looks_like_path(self.model) and not Path(self.model).is_dir():
             raise ConfigError(f"model = {self.model!r}: no such folder; give 'embedded', a local "
                               "folder with config.json, or a hub name like 'Qwen/Qwen2.5-0.5B-Instruct'")
-        return self
 
     @property
     def task_list(self) -> tuple[str, ...]:
@@ -332,17 +343,16 @@ def _known(values: dict[str, Any], source: str) -> dict[str, Any]:
 
 def to_toml(config: RunConfig) -> str:
     """The resolved config as TOML (flat, one key per line)."""
-    lines = []
-    for f in config_fields():
-        value = getattr(config, f.name)
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, str):
-            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        else:
-            text = repr(value)
-        lines.append(f"{f.name} = {text}")
-    return "\n".join(lines) + "\n"
+    return "".join(f"{f.name} = {toml_value(getattr(config, f.name))}\n" for f in config_fields())
+
+
+def toml_value(value: bool | int | float | str) -> str:
+    """One TOML value: booleans lower-case, strings quoted with backslashes and quotes escaped."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
 
 
 def reference_markdown() -> str:

@@ -28,9 +28,11 @@ for left-padded prompts. All of this matches TRL's GRPOTrainer loss (tests/test_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import random
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +40,23 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import GenerationConfig
 
-from fgrpo.tasks import Example
+from fgrpo.tasks import Example, RewardFn
 
-RewardFn = Callable[[Example, str], float]
+if TYPE_CHECKING:
+    from fgrpo.config import RunConfig
+
+
+def prompt_batches(examples: list[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
+    """Endless batches of prompts, reshuffled each pass, deterministic for a seed."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            extra = list(range(len(examples)))
+            rng.shuffle(extra)
+            order += extra
+        batch, order = order[:batch_size], order[batch_size:]
+        yield [examples[i] for i in batch]
 
 
 @dataclass
@@ -186,30 +202,40 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
     return loss, metrics
 
 
-@dataclass
+@dataclass(frozen=True)
 class GRPOSettings:
-    """The subset of the run config that local GRPO needs."""
+    """The subset of the run config that local GRPO needs (defaults and meanings: RunConfig)."""
 
-    local_steps: int = 10
-    prompts_per_step: int = 16
-    group_size: int = 8
-    max_new_tokens: int = 10
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_grad_norm: float = 1.0
-    loss_type: str = "grpo"
-    scale_rewards: str = "group"
-    beta: float = 0.0
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    mu: int = 1
-    kl_bias_correction: bool = False
-    proximal_mu: float = 0.0
+    local_steps: int
+    prompts_per_step: int
+    group_size: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    max_grad_norm: float
+    loss_type: str
+    scale_rewards: str
+    beta: float
+    epsilon_low: float
+    epsilon_high: float
+    mu: int
+    kl_bias_correction: bool
+    proximal_mu: float
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, local_steps: int | None = None) -> GRPOSettings:
+        """From the run config; ``local_steps`` overrides the run's (quantity-skew scales it per client)."""
+        return cls(local_steps=local_steps or cfg.local_steps, prompts_per_step=cfg.prompts_per_step,
+                   group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                   top_p=cfg.top_p, max_grad_norm=cfg.max_grad_norm, loss_type=cfg.loss_type,
+                   scale_rewards=cfg.scale_rewards, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
+                   epsilon_high=cfg.epsilon_high, mu=cfg.mu, kl_bias_correction=cfg.kl_bias_correction,
+                   proximal_mu=cfg.proximal_mu)
 
 
 @dataclass
 class LocalResult:
-    """What a client reports after local training (DESIGN section 3), besides its delta."""
+    """What a client reports after local training (docs/algorithm.md, section 2), besides its delta."""
 
     num_prompts: int  # n_k
     reward_start: float  # mean reward of the first local step's rollouts (r_start)

@@ -35,9 +35,7 @@ import warnings
 import torch
 from opacus.accountants import RDPAccountant
 
-from fgrpo.aggregation import ClientStats, update_norm
-
-Adapter = dict[str, torch.Tensor]
+from fgrpo.aggregation import Adapter, ClientStats, update_norm
 
 
 def clip_update(delta: Adapter, clip: float) -> tuple[Adapter, bool]:

@@ -1,4 +1,5 @@
-"""The run directory: resolved config, metrics.jsonl, summary.json, plots (DESIGN section 9)."""
+"""The run directory: resolved config, metrics.jsonl, summary.json, plots, checkpoints (README,
+"What `fgrpo run` does"); ``RunRecorder`` fills it the same way under every runtime."""
 
 from __future__ import annotations
 
@@ -6,8 +7,13 @@ import json
 import os
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from fgrpo.checkpoint import load_checkpoint, save_checkpoint
 from fgrpo.config import ConfigError, RunConfig, to_toml
+
+if TYPE_CHECKING:
+    from fgrpo.federation import Federation
 
 
 def run_dir_path(cfg: RunConfig) -> Path:
@@ -50,6 +56,43 @@ class MetricsLog:
             fh.flush()
             os.fsync(fh.fileno())
         self.rows.extend(rows)
+
+
+class RunRecorder:
+    """A run's start, per-round record and end, the same for every runtime: the resolved config,
+    metrics.jsonl, a checkpoint after every ``checkpoint_every`` rounds, and at the end the adapter,
+    the plot and summary.json. From a ``checkpoint`` the server state and the metrics it covers are
+    restored (``done`` is its round)."""
+
+    def __init__(self, run_dir: Path, fed: Federation, checkpoint: Path | None = None):
+        self.run_dir, self.fed, self.cfg = run_dir, fed, fed.cfg
+        make_run_dir(run_dir, self.cfg)
+        if checkpoint is None:
+            self.done, self.metrics = 0, MetricsLog(run_dir / "metrics.jsonl")
+        else:
+            tensors, state = load_checkpoint(checkpoint)
+            fed.load_state(tensors, state)
+            self.done = state["round"]
+            self.metrics = MetricsLog(run_dir / "metrics.jsonl", keep_lines=state["metrics_lines"])
+
+    def write(self, rows: list[dict]) -> None:
+        self.metrics.write(rows)
+
+    def end_round(self, rnd: int, rows: list[dict]) -> None:
+        """Write round ``rnd``'s rows (round 0: the evaluation before training), then its checkpoint when due."""
+        self.write(rows)
+        if rnd % self.cfg.checkpoint_every == 0 or rnd == self.cfg.rounds:
+            tensors, state = self.fed.state.tensors_and_json()
+            save_checkpoint(self.run_dir, rnd, tensors, state, len(self.metrics.rows), self.cfg.checkpoint_keep)
+
+    def finish(self, wall_seconds: float) -> dict:
+        """The final adapter, plots/accuracy.png and summary.json; returns the summary."""
+        adapter_path = self.run_dir / "adapter"
+        self.fed.save_adapter(adapter_path)
+        plot_accuracy(self.metrics.rows, self.run_dir / "plots" / "accuracy.png")
+        summary = build_summary(self.cfg, self.metrics.rows, wall_seconds, adapter_path)
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        return summary
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -1,4 +1,5 @@
-"""``fgrpo run``: drive the in-process federation, show progress, write the run directory."""
+"""The in-process runtime: ``fgrpo run`` samples clients and loops over rounds of the round engine
+(``fgrpo.federation``) in one process, with progress on the terminal; ``fgrpo report`` and ``fgrpo eval``."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fgrpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fgrpo import tasks
+from fgrpo.checkpoint import latest_checkpoint
 from fgrpo.config import ConfigError, RunConfig, build_config
-from fgrpo.rundir import MetricsLog, build_summary, make_run_dir, plot_accuracy, run_dir_path, write_json_atomic
+from fgrpo.federation import Federation, sample_participants, warning_row
+from fgrpo.rundir import RunRecorder, build_summary, plot_accuracy, run_dir_path, write_json_atomic
 
 
 def quiet_libraries() -> None:
@@ -25,6 +28,29 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+
+
+class InProcessFederation(Federation):
+    """The in-process runtime: the round engine plus who takes part in a round and the loop over them."""
+
+    def sample_clients(self, rnd: int) -> list[tasks.ClientSpec]:
+        """This round's participants (the pooled client, for a strategy that pools every client's data)."""
+        if self.strategy.clients == "pooled":
+            return [self.pooled]
+        return sample_participants(self.clients, self.cfg.fraction, self.cfg.seed, rnd)
+
+    def run_round(self, rnd: int, on_client_done=None) -> list[dict]:
+        """Train the sampled clients, aggregate, evaluate if due; return the round's metric rows.
+        A client that raises is left out of the round with a warning row."""
+        updates, failed = [], []
+        for client in self.sample_clients(rnd):
+            try:
+                updates.append(self.train_client(client, rnd, self.state.local_adapters.get(client.client_id)))
+            except Exception as err:  # one data owner's failure must not end the round
+                failed.append(warning_row(rnd, client.client_id, f"raised {type(err).__name__}: {err}"))
+            if on_client_done:
+                on_client_done(client)
+        return self.finish_round(rnd, updates, failed)
 
 
 def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool = False) -> dict:
@@ -45,55 +71,45 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool 
         raise ConfigError(f"out = {str(run_dir)!r} already holds a run; continue it with --resume "
                           f"{run_dir} or choose another --out")
     with _progress(console) as progress:
-        from fgrpo.simulation import Federation
-
-        fed = Federation(cfg, progress=progress)
+        fed = InProcessFederation(cfg, progress=progress)
         console.print(f"[bold]fgrpo run[/bold]: {cfg.strategy} on {cfg.scenario}, model {cfg.model}, "
                       f"{len(fed.clients)} clients, {cfg.rounds} rounds, seed {cfg.seed} -> {run_dir}")
         for note in fed.notes:
             console.print(f"[yellow]data[/yellow]: {note}")
-        make_run_dir(run_dir, cfg)
+        record = RunRecorder(run_dir, fed, checkpoint)
         if checkpoint is not None:
-            tensors, state = load_checkpoint(checkpoint)
-            fed.load_server_state(tensors, state)
-            done = state["round"]
-            metrics = MetricsLog(run_dir / "metrics.jsonl", keep_lines=state["metrics_lines"])
-            console.print(f"resumed from {checkpoint} (round {done} of {cfg.rounds})")
+            console.print(f"resumed from {checkpoint} (round {record.done} of {cfg.rounds})")
         else:
-            done, metrics = 0, MetricsLog(run_dir / "metrics.jsonl")
             row = fed.eval_row(0)
-            metrics.write([row])
-            save_checkpoint(run_dir, 0, *fed.server_state_dict(), len(metrics.rows), cfg.checkpoint_keep)
+            record.end_round(0, [row])
             console.print(f"round 0: macro accuracy {row['macro_accuracy']:.3f}  "
                           + "  ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in row.items()
                                       if k.startswith("accuracy/")))
-        bar = progress.add_task("rounds", total=cfg.rounds, completed=done)
-        clients_bar = progress.add_task("clients", total=fed.clients_per_round)
-        for rnd in range(done + 1, cfg.rounds + 1):
+        bar = progress.add_task("rounds", total=cfg.rounds, completed=record.done)
+        clients_bar = progress.add_task("clients", total=len(fed.sample_clients(1)))
+        for rnd in range(record.done + 1, cfg.rounds + 1):
             progress.reset(clients_bar)
             t0 = time.perf_counter()
             rows = fed.run_round(rnd, on_client_done=lambda c: progress.advance(clients_bar))
-            metrics.write(rows)
-            if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds:
-                save_checkpoint(run_dir, rnd, *fed.server_state_dict(), len(metrics.rows), cfg.checkpoint_keep)
+            record.end_round(rnd, rows)
             console.print(_round_table(rnd, rows, time.perf_counter() - t0))
-            for r in rows:
-                if r["kind"] == "warning":
-                    console.print(f"[yellow]warning[/yellow]: round {rnd}: {r['client_id']} left out: {r['reason']}")
-            for r in rows:
-                if r.get("reward_failures") == 1.0:
-                    reward = next(c.reward for c in fed.clients if c.client_id == r["client_id"])
-                    console.print(f"[red]warning[/red]: client {r['client_id']}: its reward {reward.name!r} failed on "
-                                  f"every sample this round (all scored 0), last error: {reward.last_error}")
+            _print_warnings(console, fed, rnd, rows)
             progress.advance(bar)
-    adapter_path = run_dir / "adapter"
-    fed.save_adapter(adapter_path)
-    plot_accuracy(metrics.rows, run_dir / "plots" / "accuracy.png")
-    summary = build_summary(cfg, metrics.rows, time.perf_counter() - start, adapter_path)
-    write_json_atomic(run_dir / "summary.json", summary)
+    summary = record.finish(time.perf_counter() - start)
     console.print(_summary_table(summary))
     console.print(f"run directory: {run_dir}")
     return summary
+
+
+def _print_warnings(console: Console, fed: Federation, rnd: int, rows: list[dict]) -> None:
+    """Clients left out of the round, and verifiers that failed on every sample."""
+    for r in rows:
+        if r["kind"] == "warning":
+            console.print(f"[yellow]warning[/yellow]: round {rnd}: {r['client_id']} left out: {r['reason']}")
+        if r.get("reward_failures") == 1.0:
+            reward = next(c.reward for c in fed.clients if c.client_id == r["client_id"])
+            console.print(f"[red]warning[/red]: client {r['client_id']}: its reward {reward.name!r} failed on "
+                          f"every sample this round (all scored 0), last error: {reward.last_error}")
 
 
 def _progress(console: Console) -> Progress:
@@ -109,8 +125,9 @@ def _round_table(rnd: int, rows: list[dict], seconds: float) -> Table:
         if r["kind"] != "client":
             continue
         gain = "-" if r["gain"] is None else f"{r['gain']:+.2f}"
+        weight = "-" if r["weight"] is None else f"{r['weight']:.2f}"
         table.add_row(r["client_id"], r["task"], r["reward_scale"], f"{r['reward_start']:.2f}",
-                      f"{r['reward_end']:.2f}", f"{r['train_accuracy']:.2f}", gain, f"{r['weight']:.2f}")
+                      f"{r['reward_end']:.2f}", f"{r['train_accuracy']:.2f}", gain, weight)
     evals = [r for r in rows if r["kind"] == "eval"]
     if evals:
         e = evals[0]

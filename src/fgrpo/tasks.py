@@ -16,16 +16,15 @@ from __future__ import annotations
 import difflib
 import math
 import random
-import zlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
 import reasoning_gym
 
-from fgrpo.config import SCENARIOS
+from fgrpo.seeds import derived_seed
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,8 @@ class Example:
     prompt: str  # compact prompt the model sees
     answer: str  # compact gold answer (used for warm start and partial credit)
     entry: dict  # the reasoning-gym entry, for its scorer
+    # a data owner's verifier f(prompt, completion, answer) -> float (user data); None: reasoning-gym's scorer
+    verifier: Callable[[str, str, str], float] | None = field(default=None, compare=False, repr=False)
 
 
 TASKS: dict[str, TaskFamily] = {
@@ -105,30 +106,17 @@ def family_of(task: str) -> str:
     return task.split("@")[0]
 
 
-def derived_seed(*parts: object) -> int:
-    """A stable 31-bit seed from any parts (same on every machine and Python run)."""
-    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
-
-
 @cache
 def _scorer(task: str):
     """A reasoning-gym dataset instance whose ``score_answer`` scores this task."""
     return reasoning_gym.create_dataset(family_of(task), seed=0, size=1, **TASKS[task].rg_config)
 
 
-_USER_VERIFIERS: dict[str, Callable[[Example, str], float]] = {}
-
-
-def register_verifier(task: str, verifier: Callable[[Example, str], float]) -> None:
-    """Make ``correctness`` score a user data owner's task with its own verifier."""
-    _USER_VERIFIERS[task] = verifier
-
-
 def correctness(example: Example, completion: str) -> float:
-    """Score in [0, 1] for a completion (1.0 = correct): reasoning-gym's scorer, or a user task's
-    registered verifier."""
-    if example.task in _USER_VERIFIERS:
-        return _USER_VERIFIERS[example.task](example, completion)
+    """Score in [0, 1] for a completion (1.0 = correct): reasoning-gym's scorer, or the data owner's
+    verifier of a user example (a verifier that fails scores 0)."""
+    if example.verifier is not None:
+        return guarded_call(example.verifier, example.prompt, completion, example.answer)[0]
     answer = TASKS[example.task].to_rg_answer(completion)
     return float(_scorer(example.task).score_answer(answer, example.entry))
 
@@ -205,6 +193,18 @@ class RewardScale:
         raise ValueError(f"unknown reward scale {self.name!r}")
 
 
+def guarded_call(verifier: Callable[..., float], *args) -> tuple[float, str | None]:
+    """(score, None), or (0.0, what went wrong) when the verifier raises or returns a non-finite value:
+    a verifier's bug or outage costs one sample, never the client."""
+    try:
+        value = float(verifier(*args))
+    except Exception as err:
+        return 0.0, f"{type(err).__name__}: {err}"
+    if not math.isfinite(value):
+        return 0.0, f"non-finite value {value}"
+    return value, None
+
+
 class GuardedReward:
     """Every client's reward as training sees it: a sample whose reward raises or is not finite
     scores 0 and is counted (``take_failures``); one bad sample never stops a client."""
@@ -218,16 +218,10 @@ class GuardedReward:
 
     def __call__(self, example: Example, completion: str) -> float:
         self.calls += 1
-        try:
-            value = float(self.reward(example, completion))
-        except Exception as err:  # a verifier's bug or outage costs this sample, not the client
+        value, error = guarded_call(self.reward, example, completion)
+        if error is not None:
             self.failures += 1
-            self.last_error = f"{type(err).__name__}: {err}"
-            return 0.0
-        if not math.isfinite(value):
-            self.failures += 1
-            self.last_error = f"non-finite value {value}"
-            return 0.0
+            self.last_error = error
         return value
 
     def take_failures(self) -> tuple[int, int]:
@@ -253,7 +247,7 @@ class ClientSpec:
 def build_scenario(name: str, num_clients: int, train_size: int, seed: int,
                    tasks: tuple[str, ...] = DEFAULT_TASKS, dirichlet_alpha: float = 0.5,
                    local_steps: int = 10) -> list[ClientSpec]:
-    """Clients of a named scenario (DESIGN section 5).
+    """Clients of a named scenario (README, "Scenarios").
 
     - ``task-skew``: client k holds task ``tasks[k % len(tasks)]``, reward = correctness.
     - ``scale-skew``: task-skew, and client k's verifier emits rewards on its own scale,
@@ -266,8 +260,8 @@ def build_scenario(name: str, num_clients: int, train_size: int, seed: int,
       geometrically from ``train_size`` to ``train_size / 10``; a client's local steps per round
       scale with its size (as epochs over its data would), so n_k differs 10x too.
     """
-    if name not in SCENARIOS:
-        raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
+    if name not in ("scale-skew", "task-skew", "difficulty-skew", "dirichlet", "quantity-skew"):
+        raise ValueError(f"unknown scenario {name!r}")
     if name in ("dirichlet", "quantity-skew"):
         return _pooled_scenario(name, num_clients, train_size, seed, tasks, dirichlet_alpha, local_steps)
     scales = list(REWARD_SCALES.values())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from fgrpo.config import ConfigError
-from fgrpo.tasks import TASKS, ClientSpec, Example, derived_seed, register_verifier
+from fgrpo.seeds import derived_seed
+from fgrpo.tasks import TASKS, ClientSpec, Example
 
 HOLDOUT_FRACTION = 0.2  # at most this share of a source is held out for evaluation
 
@@ -210,8 +210,7 @@ def load_owner(source: str, reward_name: str, prompt_column: str, answer_column:
         raise ConfigError(f"data: {source!r} is named like the built-in task {name!r}; rename the file")
     verifier = resolve_reward(reward_name)
     reward = OwnerReward(reward_name, verifier)
-    register_verifier(name, lambda example, completion: safe_score(verifier, example, completion)[0])
-    examples = [Example(name, r["prompt"], r["answer"], {"answer": r["answer"]}) for r in loaded.rows]
+    examples = [Example(name, r["prompt"], r["answer"], {"answer": r["answer"]}, verifier) for r in loaded.rows]
     order = list(range(len(examples)))
     random.Random(derived_seed("holdout", name)).shuffle(order)
     held = min(eval_size, int(len(examples) * HOLDOUT_FRACTION))
@@ -221,17 +220,6 @@ def load_owner(source: str, reward_name: str, prompt_column: str, answer_column:
     test = [examples[i] for i in order[:held]]
     train = [examples[i] for i in order[held:]]
     return OwnerData(name, train, test, reward, loaded.skipped, loaded.first_errors)
-
-
-def safe_score(verifier, example: Example, completion: str) -> tuple[float, str | None]:
-    """(score, None), or (0.0, what went wrong) when the verifier raises or returns a non-finite value."""
-    try:
-        value = float(verifier(example.prompt, completion, example.answer))
-    except Exception as err:  # a user's verifier must not stop training
-        return 0.0, f"{type(err).__name__}: {err}"
-    if not math.isfinite(value):
-        return 0.0, f"non-finite value {value}"
-    return value, None
 
 
 def build_clients(sources: list[str], rewards: list[str], prompt_column: str, answer_column: str,

@@ -1,5 +1,5 @@
 """The ClientApp: one data owner. It trains the received global adapter with the same local GRPO as
-the in-process runtime (``Federation.train_client``) and replies with its delta and statistics.
+the in-process runtime (the round engine's ``Federation.train_client``) and replies with its delta and statistics.
 
 Which data it holds comes from the SuperNode's ``node_config``: either the owner's own source and
 verifier (``--node-config 'data="/path/owner.jsonl" reward="math"'``, with ``scenario = "user-data"``
@@ -17,7 +17,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from fgrpo.flower import secure, task
+from fgrpo.flower import secure, wire
 
 app = ClientApp()
 
@@ -26,14 +26,14 @@ def owner(context: Context):
     """(this process's Federation, this node's client) from the run config and the node config.
     ``client-id`` in the node config names the client for the server (its baseline is kept under
     that name, so it survives a SuperNode restart, when Flower's node id changes)."""
-    cfg = task.config_from_run_config(dict(context.run_config))
+    cfg = wire.config_from_run_config(dict(context.run_config))
     node = dict(context.node_config)
     if "data" in node:
         cfg = replace(cfg, scenario="user-data", data=str(node["data"]), rewards=str(node.get("reward", cfg.rewards)))
-        fed = task.cached_federation(cfg)
+        fed = wire.cached_federation(cfg)
         client = fed.clients[0]
     else:
-        fed = task.cached_federation(cfg)
+        fed = wire.cached_federation(cfg)
         partition = int(node["partition-id"])
         if not 0 <= partition < len(fed.clients):
             raise ValueError(f"node_config partition-id = {partition}: this scenario has {len(fed.clients)} clients")
@@ -55,19 +55,19 @@ def train(msg: Message, context: Context) -> Message:
     if "fitins.config" in msg.content.config_records:  # SecAgg+ collect stage (docs/privacy.md)
         return secure.masked_reply(msg, context)
     fed, client = owner(context)
-    fed.global_adapter = task.record_adapter(msg.content["global"])
+    fed.global_adapter = wire.record_adapter(msg.content["global"])
     update = fed.train_client(client, int(msg.content["round"]["server-round"]))
     if bool(msg.content["round"].get("secure", False)):
         update.metrics["max_abs_delta"] = secure.keep_delta(context, update.delta)
         update = replace(update, delta={})
-    return Message(content=task.update_content(update), reply_to=msg)
+    return Message(content=wire.update_content(update), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Greedy accuracy of the global adapter on this owner's held-out rows: correct and total per task."""
     fed, client = owner(context)
-    fed.global_adapter = task.record_adapter(msg.content["global"])
+    fed.global_adapter = wire.record_adapter(msg.content["global"])
     accuracy = fed.evaluate()
     counts = {}
     for name, acc in accuracy.items():

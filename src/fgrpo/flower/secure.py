@@ -36,7 +36,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
-from fgrpo.simulation import Adapter
+from fgrpo.aggregation import Adapter
 
 WEIGHT_SCALE = 1_000_000  # num_examples = round(w_k * WEIGHT_SCALE); SecAgg+'s max_weight
 PENDING = "fgrpo-pending-delta"  # where a client keeps delta_k between the two phases

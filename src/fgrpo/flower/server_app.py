@@ -1,28 +1,24 @@
-"""The ServerApp: holds the global adapter and every client's baseline, and aggregates with the same
-``Federation.finish_round`` as the in-process runtime, inside a Flower Strategy.
+"""The ServerApp: holds the global adapter and every client's baseline, and aggregates with the round
+engine's ``Federation.finish_round`` (the same as the in-process runtime), inside a Flower Strategy.
 
-It writes the same run directory as ``fgrpo run`` (metrics.jsonl, summary.json, adapter/, plots/,
-checkpoints/) and evaluates the global model on the held-out splits after every round.
+It writes the same run directory as ``fgrpo run`` (``RunRecorder``: metrics.jsonl, summary.json,
+adapter/, plots/, checkpoints/) and evaluates the global model on the held-out splits after every round.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fgrpo.checkpoint import save_checkpoint
-from fgrpo.flower import secure, task
-from fgrpo.rundir import MetricsLog, build_summary, make_run_dir, plot_accuracy, run_dir_path, write_json_atomic
-from fgrpo.simulation import Federation, RoundFailed, warning_row
-from fgrpo.tasks import derived_seed
+from fgrpo.federation import Federation, RoundFailed, sample_participants, warning_row
+from fgrpo.flower import secure, wire
+from fgrpo.rundir import RunRecorder, run_dir_path
 
 app = ServerApp()
 
@@ -30,8 +26,8 @@ app = ServerApp()
 class FGRPOStrategy(Strategy):
     """Flower Strategy whose aggregation is fgrpo's (any ``--strategy``); one run directory."""
 
-    def __init__(self, fed: Federation, metrics: MetricsLog, run_dir: Path):
-        self.fed, self.metrics, self.run_dir = fed, metrics, run_dir
+    def __init__(self, fed: Federation, record: RunRecorder):
+        self.fed, self.record = fed, record
         self.cfg = fed.cfg
         self.remote = not fed.test_sets  # data owners bring their own data and evaluate on it
 
@@ -46,11 +42,16 @@ class FGRPOStrategy(Strategy):
             node_ids = sorted(grid.get_node_ids())
         return node_ids
 
+    def participants(self, server_round: int, grid: Grid) -> list[int]:
+        """This round's sampled SuperNodes; the connected ones are the population that privacy
+        accounting's sampling rate is taken over."""
+        node_ids = self.node_ids(grid, wait=server_round == 1)
+        self.fed.population = len(node_ids)
+        return sample_participants(node_ids, self.cfg.fraction, self.cfg.seed, server_round)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        node_ids = self.node_ids(grid, wait=server_round == 1)
-        rng = random.Random(derived_seed(self.cfg.seed, "client-sampling", server_round))
-        chosen = sorted(rng.sample(node_ids, max(1, round(self.cfg.fraction * len(node_ids)))))
+        chosen = self.participants(server_round, grid)
         round_config = {"server-round": server_round, "secure": self.cfg.secure_aggregation}
         content = RecordDict({"global": arrays, "round": ConfigRecord(round_config)})
         return [Message(content=content, message_type="train", dst_node_id=node) for node in chosen]
@@ -64,7 +65,7 @@ class FGRPOStrategy(Strategy):
                 failed.append(warning_row(server_round, node, f"failed: {reply.error.reason}"))
                 continue
             try:
-                updates.append(task.content_update(reply.content))
+                updates.append(wire.content_update(reply.content))
                 nodes[updates[-1].stats.client_id] = reply.metadata.src_node_id
             except (KeyError, TypeError, ValueError) as err:
                 failed.append(warning_row(server_round, node, f"unreadable reply: {err}"))
@@ -80,7 +81,7 @@ class FGRPOStrategy(Strategy):
 
     def secure_round(self, server_round: int, grid: Grid, context: Context) -> None:
         """One round under secure aggregation (fgrpo.flower.secure): statistics first, then SecAgg+."""
-        arrays = task.adapter_record(self.fed.global_adapter)
+        arrays = wire.adapter_record(self.fed.global_adapter)
         timeout = self.cfg.client_timeout or 3600
         replies = grid.send_and_receive(list(self.configure_train(server_round, arrays, ConfigRecord(), grid)),
                                         timeout=timeout)
@@ -97,7 +98,7 @@ class FGRPOStrategy(Strategy):
 
         rows = self.fed.finish_round(server_round, updates, failed, secure_sum=weighted_sum)
         self.record_round(server_round, rows, len(updates))
-        evaluate = list(self.configure_evaluate(server_round, task.adapter_record(self.fed.global_adapter),
+        evaluate = list(self.configure_evaluate(server_round, wire.adapter_record(self.fed.global_adapter),
                                                 ConfigRecord(), grid))
         if evaluate:
             self.aggregate_evaluate(server_round, grid.send_and_receive(evaluate, timeout=timeout))
@@ -107,16 +108,13 @@ class FGRPOStrategy(Strategy):
         for row in rows:
             if row["kind"] == "warning":
                 log(WARNING, "round %s: %s left out: %s", server_round, row["client_id"], row["reason"])
-        self.metrics.write(rows)
-        if server_round % self.cfg.checkpoint_every == 0 or server_round == self.cfg.rounds:
-            save_checkpoint(self.run_dir, server_round, *self.fed.server_state_dict(), len(self.metrics.rows),
-                            self.cfg.checkpoint_keep)
+        self.record.end_round(server_round, rows)
         evals = [r for r in rows if r["kind"] == "eval"]
         summary = {"clients": float(clients)}
         if evals:
             summary["macro_accuracy"] = evals[0]["macro_accuracy"]
             log(INFO, "round %s: macro accuracy %.3f", server_round, evals[0]["macro_accuracy"])
-        return task.adapter_record(self.fed.global_adapter), MetricRecord(summary)
+        return wire.adapter_record(self.fed.global_adapter), MetricRecord(summary)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         """Named scenarios: none (the server evaluates the global model itself, as in-process). Own
@@ -145,7 +143,7 @@ class FGRPOStrategy(Strategy):
         if not accuracy:
             return None
         row = self.fed.eval_row(server_round, accuracy)
-        self.metrics.write([row])
+        self.record.write([row])
         log(INFO, "round %s: macro accuracy %.3f (evaluated by the clients)", server_round, row["macro_accuracy"])
         return MetricRecord({"macro_accuracy": row["macro_accuracy"]})
 
@@ -157,26 +155,22 @@ class FGRPOStrategy(Strategy):
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     start = time.perf_counter()
-    cfg = task.config_from_run_config(dict(context.run_config))
+    cfg = wire.config_from_run_config(dict(context.run_config))
     run_dir = run_dir_path(cfg)
     fed = Federation(cfg, remote_clients=cfg.scenario == "user-data" and not cfg.data.strip())
-    make_run_dir(run_dir, cfg)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    strategy = FGRPOStrategy(fed, metrics, run_dir)
-    arrays = task.adapter_record(fed.global_adapter)
+    record = RunRecorder(run_dir, fed)
+    strategy = FGRPOStrategy(fed, record)
+    arrays = wire.adapter_record(fed.global_adapter)
     if strategy.remote:  # round 0 on the owners' held-out rows
         replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(), grid))
         strategy.aggregate_evaluate(0, replies)
+        record.end_round(0, [])
     else:
-        metrics.write([fed.eval_row(0)])
-    save_checkpoint(run_dir, 0, *fed.server_state_dict(), len(metrics.rows), cfg.checkpoint_keep)
+        record.end_round(0, [fed.eval_row(0)])
     if cfg.secure_aggregation:
         for server_round in range(1, cfg.rounds + 1):
             strategy.secure_round(server_round, grid, context)
     else:  # a round waits for its replies at most client_timeout seconds (an hour when unset)
         strategy.start(grid, arrays, num_rounds=cfg.rounds, timeout=cfg.client_timeout or 3600)
-    fed.save_adapter(run_dir / "adapter")
-    plot_accuracy(metrics.rows, run_dir / "plots" / "accuracy.png")
-    write_json_atomic(run_dir / "summary.json",
-                      build_summary(cfg, metrics.rows, time.perf_counter() - start, run_dir / "adapter"))
+    record.finish(time.perf_counter() - start)
     log(INFO, "run directory: %s", run_dir)

@@ -1,4 +1,4 @@
-"""What the ServerApp and ClientApp share: the run config, the wire format, and the checks on it.
+"""What the ServerApp and ClientApp exchange: the run config and the wire format of the messages.
 
 Wire format (no pickle anywhere: tensors travel as Flower arrays):
     server -> client   arrays "global" (the global adapter), config "round" {"server-round": t}
@@ -16,9 +16,9 @@ from functools import cache
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fgrpo import aggregation
-from fgrpo.config import RunConfig, build_config, config_fields
-from fgrpo.simulation import Adapter, ClientUpdate, Federation
+from fgrpo.aggregation import Adapter, ClientStats
+from fgrpo.config import RunConfig, build_config, config_fields, toml_value
+from fgrpo.federation import ClientUpdate, Federation
 
 STAT_KEYS = ("num_prompts", "reward_start", "reward_end", "reward_std", "reward_range")
 
@@ -72,27 +72,18 @@ def update_content(update: ClientUpdate) -> RecordDict:
 
 def content_update(content: RecordDict) -> ClientUpdate:
     """A client's reply back into a ClientUpdate (the server screens it like any other update:
-    names, shapes, dtypes and finiteness against the global adapter, in ``Federation.finish_round``)."""
+    names, shapes, dtypes and finiteness against the global adapter, in ``Federation.screen_updates``)."""
     m, c = content["stats"], content["client"]
     delta = record_adapter(content["delta"], str(c.get("delta_dtype", "")))
-    stats = aggregation.ClientStats(str(c["client_id"]), int(m["num_prompts"]),
+    stats = ClientStats(str(c["client_id"]), int(m["num_prompts"]),
                                     *(float(m[k]) for k in STAT_KEYS[1:]))
     train = {k[len("train/"):]: float(v) for k, v in m.items() if k.startswith("train/")}
     return ClientUpdate(stats, delta, train, float(m["train_seconds"]), str(c["task"]), str(c["reward_scale"]))
 
 
 def run_config_toml() -> str:
-    """The ``[tool.flwr.app.config]`` section of pyproject.toml (``python -m fgrpo.flower.task``)."""
-    lines = ["[tool.flwr.app.config]"]
-    for key, value in run_config_keys().items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, str):
-            text = '"' + value + '"'
-        else:
-            text = repr(value)
-        lines.append(f"{key} = {text}")
-    return "\n".join(lines) + "\n"
+    """The ``[tool.flwr.app.config]`` section of pyproject.toml (``python -m fgrpo.flower.wire``)."""
+    return "[tool.flwr.app.config]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in run_config_keys().items())
 
 
 if __name__ == "__main__":

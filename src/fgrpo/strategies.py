@@ -1,0 +1,109 @@
+"""Every strategy in one place: how its clients train and how the server combines them.
+
+A *strategy* (``--strategy``) is one idea of the server:
+
+    weigh     statistics -> weights w_k (a pure function of ``fgrpo.aggregation``), or None when the
+              server combines nothing (``local-only``)
+    clients   "global": the sampled clients train from the global adapter (every federated strategy)
+              "pooled": one client holds every client's prompts (the ``centralized`` reference)
+              "own":    each client keeps its own adapter, never aggregated (the ``local-only`` reference)
+    adaptive  whether the weights depend on the round's statistics (``fgrpo compare`` plots them)
+
+A *modifier* composes with any weighting through config settings: ``fedprox`` (a client-side
+proximal term), ``fedadam`` / ``fedyogi`` (a server optimizer on the weighted pseudo-gradient).
+``recipe`` turns a comparison's strategy name (``fgrpo+fedadam[tau=0.3]``) into config settings.
+Formulas: docs/algorithm.md, section 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fgrpo import aggregation
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    summary: str  # one line for the CLI help and the docs
+    weigh: aggregation.WeightFn | None  # None: no aggregation
+    clients: str = "global"  # "global" | "pooled" | "own"
+    adaptive: bool = False
+
+    @property
+    def federated(self) -> bool:
+        """Clients train from a global model that the server updates from their deltas (DP and
+        secure aggregation protect exactly that)."""
+        return self.clients == "global"
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
+    Strategy("fgrpo", "w_k ∝ p_k^alpha exp(g_k / tau), g_k the relative gain over the client's own baseline",
+             aggregation.fgrpo, adaptive=True),
+    Strategy("fedavg", "w_k = n_k / sum n", aggregation.fedavg),
+    Strategy("uniform", "w_k = 1 / |S|", aggregation.uniform),
+    Strategy("reward-weighted", "w_k ∝ max(r_end_k, 0): raw rewards, the scale-sensitive strawman",
+             aggregation.reward_weighted, adaptive=True),
+    Strategy("gain-no-baseline", "w_k = softmax((r_end_k - r_start_k) / tau): gain without a personal baseline",
+             aggregation.gain_no_baseline, adaptive=True),
+    Strategy("centralized", "reference: every client's prompts pooled in one model, same steps per round",
+             aggregation.fedavg, clients="pooled"),
+    Strategy("local-only", "reference: each client trains alone and is evaluated on its own tasks",
+             None, clients="own"),
+]}
+
+FEDPROX_MU = 1.0  # FedProx weight of the `fedprox` recipes: its gradient mu * (theta - theta_t) is then of
+# the order of the clipped GRPO gradient per coordinate at the end of a round on the embedded default
+SERVER_ADAPTIVE_LR = 0.003  # server step of the `fedadam` / `fedyogi` recipes: about the RMS of one
+# client delta coordinate on the embedded default (||delta|| ~ 1.0 over 164k LoRA values), so the first
+# adaptive step is as large as an sgd step
+
+
+@dataclass(frozen=True)
+class Modifier:
+    name: str
+    summary: str
+    settings: dict[str, Any]
+
+
+MODIFIERS: dict[str, Modifier] = {m.name: m for m in [
+    Modifier("fedprox", f"clients add proximal_mu / 2 ||theta - theta_t||^2 (proximal_mu = {FEDPROX_MU})",
+             {"proximal_mu": FEDPROX_MU}),
+    Modifier("fedadam", "the server applies the weighted pseudo-gradient with Adam (FedAdam)",
+             {"server_optimizer": "adam", "server_lr": SERVER_ADAPTIVE_LR}),
+    Modifier("fedyogi", "the server applies the weighted pseudo-gradient with Yogi (FedYogi)",
+             {"server_optimizer": "yogi", "server_lr": SERVER_ADAPTIVE_LR}),
+]}
+MODIFIED_WEIGHTING = "fedavg"  # a modifier alone (``fedprox``) modifies FedAvg
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """Config settings of a named strategy: ``fgrpo``, ``fedprox`` (= fedavg + proximal term),
+    ``fedadam``, ``fgrpo+fedadam``, ``fgrpo+fedprox+fedyogi``, ..., optionally followed by
+    ``[key=value,...]`` config settings (``fgrpo[tau=0.3,gain_form=ratio]``).
+    Raises ValueError for an unknown name (the caller words it for the user)."""
+    settings: dict[str, Any] = {}
+    if name.endswith("]") and "[" in name:
+        name, inner = name[:-1].split("[", 1)
+        for item in filter(None, (i.strip() for i in inner.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"{item!r} in {name}[...] is not key=value")
+            settings[key.strip()] = value.strip()
+    parts = name.split("+")
+    weighting, mods = (parts[0], parts[1:]) if parts[0] in STRATEGIES else (MODIFIED_WEIGHTING, parts)
+    out: dict[str, Any] = {"strategy": weighting}
+    for mod in mods:
+        if mod not in MODIFIERS:
+            raise ValueError(f"{name!r} is not known; use one of {', '.join([*STRATEGIES, *MODIFIERS])}, or "
+                             "weighting+modifier such as fgrpo+fedadam")
+        out.update(MODIFIERS[mod].settings)
+    return {**out, **settings}
+
+
+def help_text() -> str:
+    """The strategies and modifiers, one per line (CLI help and docs)."""
+    lines = [f"{s.name}: {s.summary}" for s in STRATEGIES.values()]
+    lines += [f"+{m.name}: {m.summary}" for m in MODIFIERS.values()]
+    return "\n".join(lines)
