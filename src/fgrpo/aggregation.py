@@ -10,9 +10,11 @@ FGRPO weights each participant by its *relative performance gain* against its ow
     global step:          theta <- theta + eta * sum_k w_k * delta_k
     baseline update:      b_k <- m * b_k + (1 - m) * r_end_k,   s_k <- m * s_k + (1 - m) * std_k
 
-``range_k`` is the client's reward range (max - min reward of its verifier), so the floor scales
-with the client's rewards: multiplying them by c > 0 leaves both gain forms unchanged, and the z
-form is also unchanged by adding a constant. Clients absent from a round keep their state.
+``range_k`` is the client's reward range: the largest max - min of the rewards its verifier actually
+gave in one round's rollouts, so far (no verifier declares a scale). The floor thus scales with the
+client's rewards: multiplying them by c > 0 leaves both gain forms unchanged, and the z form is also
+unchanged by adding a constant. A client whose rewards have never differed (range 0) has gain 0.
+Clients absent from a round keep their state.
 
 Baselines, all on the same interface (statistics in, weights out):
     fedavg            w_k = p_k
@@ -45,7 +47,7 @@ class ClientStats:
     reward_start: float  # r_start: mean reward of the first local step's rollouts
     reward_end: float  # r_end: mean reward of the last local step's rollouts
     reward_std: float  # mean within-group reward std
-    reward_range: float  # max - min reward of the client's verifier
+    reward_range: float  # max - min of the rewards its verifier gave in this round's rollouts
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def relative_gain(s: ClientStats, state: ClientBaseline, form: str, floor: float
         scale = max(abs(state.baseline), floor * reward_range)
     else:
         raise ValueError(f"unknown gain form {form!r}")
-    return (s.reward_end - state.baseline) / scale
+    return (s.reward_end - state.baseline) / scale if scale > 0 else 0.0  # scale 0: rewards never differed
 
 
 def gain_weights(gains: list[float], shares: list[float], tau: float, size_exponent: float,

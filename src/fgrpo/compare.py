@@ -181,6 +181,7 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
     for scenario in plan.scenarios:
         for strategy in plan.strategies:
             finals, worst, to_target, spreads, seconds, curve_means, spent = [], [], [], [], [], [], []
+            content_finals = []
             for name, cfg in runs:
                 summary_path = Path(cfg.out) / "summary.json"
                 if name != strategy or cfg.scenario != scenario or not summary_path.exists():
@@ -188,6 +189,8 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
                 summary = json.loads(summary_path.read_text())
                 evals = _evals(cfg.out)
                 finals.append(summary["final_macro_accuracy"])
+                if summary.get("final_content_macro_accuracy") is not None:  # runs of older versions lack it
+                    content_finals.append(summary["final_content_macro_accuracy"])
                 worst.append(summary["final_worst_task_accuracy"])
                 reached = [e["round"] for e in evals if e["macro_accuracy"] >= plan.target]
                 to_target.append(reached[0] if reached else None)
@@ -199,10 +202,12 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
                 if "epsilon" in summary:  # differential privacy: (epsilon, dp_delta) spent by the run
                     spent.append(summary["epsilon"])
             mean, std = _mean_std(finals)
+            content_mean, content_std = _mean_std(content_finals)
             hit = [r for r in to_target if r is not None]
             rows.append({
                 "scenario": scenario, "strategy": strategy, "seeds": len(finals),
                 "final_macro_mean": mean, "final_macro_std": std,
+                "final_content_mean": content_mean, "final_content_std": content_std,
                 "worst_task_mean": _mean_std(worst)[0],
                 "mean_over_rounds": _mean_std(curve_means)[0],
                 "rounds_to_target_mean": statistics.fmean(hit) if hit else math.nan,
@@ -223,14 +228,15 @@ def write_tables(rows: list[dict], out: Path) -> None:
     lines = []
     private = any(math.isfinite(r["epsilon"]) for r in rows)  # an epsilon column when any run used DP
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
-        header = ("| strategy | final macro accuracy (mean ± std) | worst task | mean over rounds 1..R | "
-                  "rounds to target (seeds reaching it) | spread, last rounds | seeds |")
+        header = ("| strategy | final macro accuracy (mean ± std) | final content accuracy | worst task | "
+                  "mean over rounds 1..R | rounds to target (seeds reaching it) | spread, last rounds | seeds |")
         lines += [f"### {scenario}", "", header + (" epsilon |" if private else ""),
-                  "|---|---|---|---|---|---|---|" + ("---|" if private else "")]
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if private else "")]
         for r in (r for r in rows if r["scenario"] == scenario):
             target = ("-" if math.isnan(r["rounds_to_target_mean"]) else f"{r['rounds_to_target_mean']:.1f}")
             epsilon = (f" {r['epsilon']:,.1f} |" if math.isfinite(r["epsilon"]) else " no DP |") if private else ""
             lines.append(f"| {r['strategy']} | {r['final_macro_mean']:.3f} ± {r['final_macro_std']:.3f} | "
+                         f"{r['final_content_mean']:.3f} ± {r['final_content_std']:.3f} | "
                          f"{r['worst_task_mean']:.3f} | {r['mean_over_rounds']:.3f} | "
                          f"{target} ({r['seeds_reaching_target']}/{r['seeds']}) | "
                          f"{r['last_rounds_spread_mean']:.3f} | {r['seeds']} |{epsilon}")

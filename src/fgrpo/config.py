@@ -45,7 +45,8 @@ class RunConfig:
                    "(--node-config 'data=\"FILE\" reward=\"NAME\"') and the run config leaves data empty.")
     rewards: str = _f("exact", "Verifier per data source (one for all, or comma-separated, one per source): "
                       "'exact', 'math' (math-verify), 'rg:<reasoning-gym dataset>', or 'module:function' "
-                      "called as function(prompt, completion, answer) -> float in [0, 1].")
+                      "called as function(prompt, completion, answer) -> float, on any scale (FGRPO measures "
+                      "each client's reward range; with dp_stats_noise, rewards are clipped to [-1, 1]).")
     prompt_column: str = _f("prompt", "Column (JSON field) of the data sources holding the prompt.")
     answer_column: str = _f("answer", "Column (JSON field) of the data sources holding the gold answer.")
     skip_bad_rows: bool = _f(False, "Skip malformed rows of the data sources (and report how many) "
@@ -132,8 +133,8 @@ class RunConfig:
                          "sum (central) or sigma * C on each update (local), > 0.")
     dp_delta: float = _f(1e-5, "delta of the reported (epsilon, delta) guarantee, in (0, 1).")
     dp_stats_noise: float = _f(0.0, "Noise multiplier sigma_s on each client's r_start, r_end and reward std "
-                               "(clipped to [-R, R], R its reward range); 0 sends them as they are. "
-                               "Needs dp != 'off'.")
+                               "(clipped to [-R, R], R its verifier's declared reward range); 0 sends them as they "
+                               "are. Needs dp != 'off'.")
     secure_aggregation: bool = _f(False, "Flower runtime only: the server gets only sum_k w_k delta_k, through "
                                   "Flower's SecAgg+ (clients first send their statistics, then their weighted "
                                   "masked delta).")

@@ -25,7 +25,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from fgrpo import aggregation, privacy, tasks
 from fgrpo.aggregation import Adapter, ClientBaseline, ClientStats, RoundWeights, update_norm
 from fgrpo.config import ConfigError, RunConfig
-from fgrpo.evaluation import evaluate, summarize
+from fgrpo.evaluation import Accuracy, evaluate
 from fgrpo.grpo import GRPOSettings, local_grpo, prompt_batches
 from fgrpo.model import add_lora, autocast_context, load_base, resolve_device
 from fgrpo.seeds import derived_seed
@@ -148,15 +148,17 @@ class Federation:
         local = get_peft_model_state_dict(self.model)
         delta = {k: (local[k] - start[k]).detach().clone() for k in start}
         stats = ClientStats(client.client_id, result.num_prompts, result.reward_start, result.reward_end,
-                            result.reward_std, client.reward.range)
-        delta, stats = self.privatize(delta, stats, seed, result.metrics)
+                            result.reward_std, client.reward.take_observed_range())
+        delta, stats = self.privatize(delta, stats, seed, result.metrics, client.reward.declared_range)
         wire = getattr(torch, self.cfg.delta_dtype)  # what the client sends (float32 by default)
         return ClientUpdate(stats, {k: v.to(wire) for k, v in delta.items()}, result.metrics, seconds,
                             client.task, client.reward.name)
 
-    def privatize(self, delta: Adapter, stats: ClientStats, seed: int, metrics: dict) -> tuple[Adapter, ClientStats]:
+    def privatize(self, delta: Adapter, stats: ClientStats, seed: int, metrics: dict, bound: float,
+                  ) -> tuple[Adapter, ClientStats]:
         """What DP asks of the client before anything leaves it: clipping (dp = client or local), noise
-        on the delta (local) and on the statistics (dp_stats_noise > 0); docs/privacy.md."""
+        on the delta (local) and on the statistics (dp_stats_noise > 0, clipped to the verifier's declared
+        range ``bound``, which depends on no data); docs/privacy.md."""
         if self.cfg.dp in ("client", "local"):
             delta, clipped = privacy.clip_update(delta, self.cfg.dp_clip)
             metrics["dp_clipped"] = float(clipped)
@@ -164,7 +166,7 @@ class Federation:
                 delta = privacy.add_gaussian_noise(delta, self.cfg.dp_noise * self.cfg.dp_clip,
                                                    derived_seed(seed, "dp-local"))
         if self.cfg.dp_stats_noise > 0:
-            stats = privacy.privatize_stats(stats, self.cfg.dp_stats_noise, derived_seed(seed, "dp-stats"))
+            stats = privacy.privatize_stats(stats, self.cfg.dp_stats_noise, derived_seed(seed, "dp-stats"), bound)
         return delta, stats
 
     # --- server side --------------------------------------------------------------------------
@@ -282,29 +284,28 @@ class Federation:
         return rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds
 
     # --- evaluation -------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> Accuracy:
         """Greedy accuracy per task: of the global model, or (a strategy whose clients keep their own
         adapters) the mean over the clients holding each task of that client's own model."""
         if self.strategy.clients != "own":
             set_peft_model_state_dict(self.model, self.global_adapter)
             with self.autocast():
                 return evaluate(self.model, self.tokenizer, self.test_sets, self.cfg.max_new_tokens)
-        per_task: dict[str, list[float]] = {t: [] for t in self.test_sets}
+        results = []
         for client in self.clients:
             set_peft_model_state_dict(self.model, self.state.local_adapters[client.client_id])
-            own = {t: self.test_sets[t] for t in tasks.scenario_tasks([client])}
+            own = {t: self.test_sets[t] for t in tasks.scenario_tasks([client], tuple(self.test_sets))}
             with self.autocast():
-                for task, acc in evaluate(self.model, self.tokenizer, own, self.cfg.max_new_tokens).items():
-                    per_task[task].append(acc)
-        return {t: sum(accs) / len(accs) for t, accs in per_task.items()}
+                results.append(evaluate(self.model, self.tokenizer, own, self.cfg.max_new_tokens))
+        mean = Accuracy.mean(results)
+        return Accuracy({t: mean.exact[t] for t in self.test_sets}, {t: mean.content[t] for t in self.test_sets})
 
-    def eval_row(self, rnd: int, accuracy: dict[str, float] | None = None) -> dict:
+    def eval_row(self, rnd: int, accuracy: Accuracy | None = None) -> dict:
         """The evaluation row of round ``rnd``: of this side's test sets, or of ``accuracy`` measured
         elsewhere (by Flower clients on their own held-out data)."""
         t0 = time.perf_counter()
         accuracy = self.evaluate() if accuracy is None else accuracy
-        row = {"round": rnd, "kind": "eval", **summarize(accuracy)}
-        row.update({f"accuracy/{task}": acc for task, acc in accuracy.items()})
+        row = {"round": rnd, "kind": "eval", **accuracy.row()}
         row["eval_seconds"] = time.perf_counter() - t0
         row["clock_seconds"] = time.time()  # when this evaluation ended (Unix time): rounds' wall times
         return row

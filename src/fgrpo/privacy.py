@@ -15,10 +15,11 @@ fixed (as Flower's DP FedAvg treats 1/m): they are computed from the statistics 
 are private only when those are (``dp_stats_noise > 0``), and are otherwise revealed to the server.
 
 Statistics (r_start, r_end, reward_std): with ``dp_stats_noise = sigma_s > 0`` each client clips
-them to [-R, R] (R = its reward range, so a -1/+1 verifier's negative means survive) and adds
-N(0, (sigma_s * 2 sqrt(3) R)^2) to each before sending (two clipped 3-vectors are at most
-2 sqrt(3) R apart in L2). FGRPO's weights, baselines and
-every other server decision are then post-processing of noised values.
+them to [-R, R] (R = its verifier's declared reward range, a bound that depends on no data, so a
+-1/+1 verifier's negative means survive) and adds N(0, (sigma_s * 2 sqrt(3) R)^2) to each before
+sending (two clipped 3-vectors are at most 2 sqrt(3) R apart in L2); the reward range it reports is
+then R, not the range its rewards spanned. FGRPO's weights, baselines and every other server
+decision are then post-processing of noised values.
 
 Accounting: Opacus' RDP accountant, one Gaussian mechanism per round for the updates (noise
 multiplier sigma) and one for the statistics (sigma_s), each with client sampling rate q =
@@ -58,10 +59,13 @@ def central_noise_std(noise_multiplier: float, clip: float, weights: list[float]
     return noise_multiplier * clip * max(weights)
 
 
-def privatize_stats(stats: ClientStats, noise_multiplier: float, seed: int) -> ClientStats:
-    """Clip r_start, r_end, reward_std to [-R, R] (R = reward_range) and add N(0, (sigma_s 2 sqrt(3) R)^2)."""
+def privatize_stats(stats: ClientStats, noise_multiplier: float, seed: int, bound: float | None = None,
+                    ) -> ClientStats:
+    """Clip r_start, r_end, reward_std to [-R, R] (R = ``bound``, the verifier's declared reward range) and
+    add N(0, (sigma_s 2 sqrt(3) R)^2); the range sent is R itself (the observed one would depend on data).
+    Without ``bound``, R is the range in ``stats``."""
     gen = torch.Generator().manual_seed(seed)
-    scale = stats.reward_range
+    scale = stats.reward_range if bound is None else bound
     std = noise_multiplier * 2 * math.sqrt(3) * scale
     noisy = [min(max(v, -scale), scale) + std * float(torch.randn((), generator=gen, dtype=torch.float64))
              for v in (stats.reward_start, stats.reward_end, stats.reward_std)]

@@ -110,6 +110,7 @@ def build_summary(cfg: RunConfig, rows: list[dict], wall_seconds: float, adapter
     first, last = evals[0], evals[-1]
     per_task = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("accuracy/")}
     initial = {k.split("/", 1)[1]: v for k, v in first.items() if k.startswith("accuracy/")}
+    content = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("content_accuracy/")}
     spent = [r["epsilon"] for r in rows if r["kind"] == "server" and "epsilon" in r]
     privacy = {"dp": cfg.dp, "epsilon": spent[-1], "dp_delta": cfg.dp_delta} if spent else {}
     return {
@@ -120,6 +121,10 @@ def build_summary(cfg: RunConfig, rows: list[dict], wall_seconds: float, adapter
         "final_worst_task_accuracy": last["worst_task_accuracy"],
         "initial_per_task_accuracy": initial,
         "per_task_accuracy": per_task,
+        # the same answers forgiven their format (evaluation.content_answer); absent in rows of older runs
+        "initial_content_macro_accuracy": first.get("content_macro_accuracy"),
+        "final_content_macro_accuracy": last.get("content_macro_accuracy"),
+        "per_task_content_accuracy": content,
         "wall_seconds": wall_seconds,
         "adapter_path": str(adapter_path),
         **privacy,

@@ -131,21 +131,24 @@ def _round_table(rnd: int, rows: list[dict], seconds: float) -> Table:
     evals = [r for r in rows if r["kind"] == "eval"]
     if evals:
         e = evals[0]
-        table.caption = (f"global model: macro accuracy {e['macro_accuracy']:.3f}, worst task "
-                         f"{e['worst_task_accuracy']:.3f}")
+        table.caption = (f"global model: macro accuracy {e['macro_accuracy']:.3f} (content "
+                         f"{e['content_macro_accuracy']:.3f}), worst task {e['worst_task_accuracy']:.3f}")
         table.caption_justify = "left"
     return table
 
 
 def _summary_table(summary: dict) -> Table:
-    table = Table(title="final held-out accuracy (greedy)", title_justify="left")
-    table.add_column("task")
-    table.add_column("round 0", justify="right")
-    table.add_column("final", justify="right")
+    table = Table(title="final held-out accuracy (greedy; content: format forgiven)", title_justify="left")
+    for column in ("task", "round 0", "final", "final content"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    content = summary.get("per_task_content_accuracy", {})
     for task, acc in summary["per_task_accuracy"].items():
-        table.add_row(task, f"{summary['initial_per_task_accuracy'][task]:.3f}", f"{acc:.3f}")
+        table.add_row(task, f"{summary['initial_per_task_accuracy'][task]:.3f}", f"{acc:.3f}",
+                      f"{content[task]:.3f}" if task in content else "-")
+    final_content = summary.get("final_content_macro_accuracy")
     table.add_row("[bold]macro[/bold]", f"{summary['initial_macro_accuracy']:.3f}",
-                  f"[bold]{summary['final_macro_accuracy']:.3f}[/bold]")
+                  f"[bold]{summary['final_macro_accuracy']:.3f}[/bold]",
+                  "-" if final_content is None else f"{final_content:.3f}")
     table.caption = f"{summary['wall_seconds']:.0f} s"
     return table
 
@@ -181,7 +184,7 @@ def evaluate_saved(adapter: str | None, model: str | None, task_names: str | Non
     """``fgrpo eval``: per-task greedy accuracy of a saved adapter (or a base model alone)."""
     from peft import PeftModel
 
-    from fgrpo.evaluation import evaluate, summarize
+    from fgrpo.evaluation import evaluate
     from fgrpo.model import load_base, resolve_device
     from fgrpo.tasks import test_split
 
@@ -210,13 +213,15 @@ def evaluate_saved(adapter: str | None, model: str | None, task_names: str | Non
         test_sets = {t: test_split(t, cfg.eval_size) for t in cfg.task_list}
     accuracy = evaluate(net, tokenizer, test_sets, cfg.max_new_tokens)
     table = Table(title="held-out accuracy (greedy)", title_justify="left",
-                  caption=f"at most {cfg.eval_size} held-out prompts per task", caption_justify="left")
-    table.add_column("task")
-    table.add_column("accuracy", justify="right")
-    for task, acc in accuracy.items():
-        table.add_row(task, f"{acc:.3f}")
-    stats = summarize(accuracy)
-    table.add_row("[bold]macro[/bold]", f"[bold]{stats['macro_accuracy']:.3f}[/bold]")
-    table.add_row("worst task", f"{stats['worst_task_accuracy']:.3f}")
+                  caption=f"at most {cfg.eval_size} held-out prompts per task; content: format forgiven",
+                  caption_justify="left")
+    for column in ("task", "accuracy", "content"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for task, acc in accuracy.exact.items():
+        table.add_row(task, f"{acc:.3f}", f"{accuracy.content[task]:.3f}")
+    row = accuracy.row()
+    table.add_row("[bold]macro[/bold]", f"[bold]{row['macro_accuracy']:.3f}[/bold]",
+                  f"{row['content_macro_accuracy']:.3f}")
+    table.add_row("worst task", f"{row['worst_task_accuracy']:.3f}", f"{row['content_worst_task_accuracy']:.3f}")
     console.print(table)
-    return accuracy
+    return accuracy.exact

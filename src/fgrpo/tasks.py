@@ -175,7 +175,8 @@ RewardFn = Callable[[Example, str], float]
 
 @dataclass(frozen=True)
 class RewardScale:
-    """How a client turns correctness into its reward; ``range`` = max reward - min reward."""
+    """How a client turns correctness into its reward; ``range`` = max reward - min reward it can give
+    (declared: only differential privacy on the statistics uses it, as a bound that depends on no data)."""
 
     name: str
     range: float
@@ -207,14 +208,17 @@ def guarded_call(verifier: Callable[..., float], *args) -> tuple[float, str | No
 
 class GuardedReward:
     """Every client's reward as training sees it: a sample whose reward raises or is not finite
-    scores 0 and is counted (``take_failures``); one bad sample never stops a client."""
+    scores 0 and is counted (``take_failures``); one bad sample never stops a client. It also keeps the
+    lowest and highest reward given since ``take_observed_range`` was last called: the range a client
+    reports is what its verifier actually produced, so no verifier needs to declare a scale."""
 
     def __init__(self, reward: RewardFn):
         self.reward = reward
         self.name = getattr(reward, "name", "custom")
-        self.range = getattr(reward, "range", 1.0)
+        self.declared_range = getattr(reward, "range", 1.0)  # for DP on the statistics only
         self.failures = self.calls = 0
         self.last_error = ""
+        self.low, self.high = math.inf, -math.inf
 
     def __call__(self, example: Example, completion: str) -> float:
         self.calls += 1
@@ -222,7 +226,14 @@ class GuardedReward:
         if error is not None:
             self.failures += 1
             self.last_error = error
+        self.low, self.high = min(self.low, value), max(self.high, value)
         return value
+
+    def take_observed_range(self) -> float:
+        """max - min of the rewards given since the last call (0 when none or all equal)."""
+        out = self.high - self.low if self.high >= self.low else 0.0
+        self.low, self.high = math.inf, -math.inf
+        return out
 
     def take_failures(self) -> tuple[int, int]:
         """(failed samples, all samples) since the last call."""

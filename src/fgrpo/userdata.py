@@ -177,7 +177,8 @@ def resolve_reward(name: str):
 
 
 class OwnerReward:
-    """A data owner's reward: its verifier on (prompt, completion, answer), in [0, 1]. Failures are
+    """A data owner's reward: its verifier on (prompt, completion, answer), on any scale (declared range 1:
+    the bound DP on the statistics clips to). Failures are
     handled where every client's reward is (``tasks.GuardedReward``)."""
 
     range = 1.0

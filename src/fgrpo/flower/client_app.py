@@ -65,12 +65,14 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Greedy accuracy of the global adapter on this owner's held-out rows: correct and total per task."""
+    """Greedy accuracy of the global adapter on this owner's held-out rows: per task, the answers right as
+    the verifier judges them, right with the format forgiven, and the total."""
     fed, client = owner(context)
     fed.global_adapter = wire.record_adapter(msg.content["global"])
     accuracy = fed.evaluate()
     counts = {}
-    for name, acc in accuracy.items():
+    for name, acc in accuracy.exact.items():
         total = len(fed.test_sets[name])
         counts[f"correct/{name}"], counts[f"total/{name}"] = round(acc * total), total
+        counts[f"content/{name}"] = round(accuracy.content[name] * total)
     return Message(content=RecordDict({"accuracy": MetricRecord(counts)}), reply_to=msg)

@@ -16,6 +16,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fgrpo.evaluation import Accuracy
 from fgrpo.federation import Federation, RoundFailed, sample_participants, warning_row
 from fgrpo.flower import secure, wire
 from fgrpo.rundir import RunRecorder, run_dir_path
@@ -129,19 +130,19 @@ class FGRPOStrategy(Strategy):
         replies = list(replies)
         if not replies:
             return None
-        correct: dict[str, int] = {}
-        total: dict[str, int] = {}
+        counts: dict[str, dict[str, int]] = {"correct": {}, "content": {}, "total": {}}
         for reply in replies:
             if reply.has_error():
                 log(WARNING, "round %s: a client's evaluation failed: %s", server_round, reply.error.reason)
                 continue
             for key, value in reply.content["accuracy"].items():
                 kind, name = key.split("/", 1)
-                bucket = correct if kind == "correct" else total
-                bucket[name] = bucket.get(name, 0) + int(value)
-        accuracy = {name: correct.get(name, 0) / n for name, n in sorted(total.items()) if n}
-        if not accuracy:
+                counts[kind][name] = counts[kind].get(name, 0) + int(value)
+        totals = {name: n for name, n in sorted(counts["total"].items()) if n}
+        if not totals:
             return None
+        accuracy = Accuracy(*({name: counts[kind].get(name, 0) / n for name, n in totals.items()}
+                              for kind in ("correct", "content")))
         row = self.fed.eval_row(server_round, accuracy)
         self.record.write([row])
         log(INFO, "round %s: macro accuracy %.3f (evaluated by the clients)", server_round, row["macro_accuracy"])
