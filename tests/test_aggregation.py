@@ -223,3 +223,20 @@ def test_lora_product_error_zero_when_a_is_shared_and_positive_otherwise():
     assert aggregation.lora_product_error(glob, moving_a, [0.3, 0.7]) > 0.01
     same = [moving_a[0], moving_a[0]]  # identical clients: averaging factors is exact
     assert aggregation.lora_product_error(glob, same, [0.5, 0.5]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cap_weights_by_hand():
+    assert aggregation.cap_weights([0.7, 0.2, 0.1], 0.4) == pytest.approx([0.4, 0.4, 0.2])  # 0.3 shared 2:1
+    assert aggregation.cap_weights([0.5, 0.5], 0.1) == pytest.approx([0.5, 0.5])  # below 1/n: 1/n is used
+    assert aggregation.cap_weights([0.9, 0.1, 0.0], 0.45) == pytest.approx([0.45, 0.45, 0.1])  # water-filling
+
+
+@pytest.mark.parametrize("bound", [0.26, 0.3, 0.4])
+def test_capped_weights_sum_to_one_respect_the_bound_and_keep_their_order(bound):
+    w = fgrpo(STATS, HISTORY, fgrpo_settings(tau=0.2, uniform_mix=0.0)).weights
+    assert max(w) > bound  # the bound binds
+    capped = aggregation.cap_weights(w, bound)
+    assert math.isclose(sum(capped), 1.0, abs_tol=1e-12) and max(capped) <= bound + 1e-12
+    assert all((a - b) * (c - d) >= -1e-12 for a, c in zip(w, capped) for b, d in zip(w, capped))  # same order
+    free = [(a, c) for a, c in zip(w, capped) if c < bound - 1e-12]
+    assert len({round(c / a, 9) for a, c in free}) == 1  # the uncapped weights grow by one common factor

@@ -2,6 +2,7 @@
 from Opacus' RDP accountant."""
 
 import csv
+import json
 import math
 import statistics
 
@@ -40,6 +41,12 @@ def test_gaussian_noise_has_the_requested_std_and_is_reproducible():
 def test_central_noise_is_calibrated_to_the_largest_weight():
     assert privacy.central_noise_std(2.0, 0.5, [0.25] * 4) == pytest.approx(0.25)  # Flower's sigma C / m
     assert privacy.central_noise_std(2.0, 0.5, [0.7, 0.1, 0.1, 0.1]) == pytest.approx(0.7)
+
+
+def test_central_noise_is_calibrated_to_the_weight_bound_when_there_is_one():
+    assert privacy.central_noise_std(2.0, 0.5, [0.3, 0.3, 0.3, 0.1], max_weight=0.3) == pytest.approx(0.3)
+    assert privacy.central_noise_std(2.0, 0.5, [0.1, 0.1, 0.1, 0.1], max_weight=0.3) == pytest.approx(0.3)  # no data
+    assert privacy.central_noise_std(2.0, 0.5, [0.25] * 4, max_weight=0.1) == pytest.approx(0.25)  # at least 1/n
 
 
 def test_statistics_are_clipped_to_the_reward_range_then_noised():
@@ -128,3 +135,15 @@ def test_compare_reports_epsilon_per_strategy(tmp_path):
     assert private == pytest.approx(accountant_epsilon(2, 2.0, 1.0, 1e-5), rel=1e-9)
     table = (out / "table.md").read_text()
     assert "epsilon |" in table and "no DP" in table and f"{private:,.1f}" in table
+
+
+def test_weight_bound_caps_every_logged_weight_and_calibrates_the_noise(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--rounds", "2", "--num-clients", "4", "--dp", "client", "--dp-noise", "0.5",
+                 "--max-weight", "0.26", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for rnd in (1, 2):
+        weights = [r["weight"] for r in rows if r["kind"] == "client" and r["round"] == rnd]
+        assert len(weights) == 4 and math.isclose(sum(weights), 1.0, abs_tol=1e-9) and max(weights) <= 0.26 + 1e-12
+        server = next(r for r in rows if r["kind"] == "server" and r["round"] == rnd)
+        assert server["dp_noise_std"] == pytest.approx(0.5 * 1.0 * 0.26)  # the bound, not the round's weights

@@ -179,6 +179,23 @@ def gain_no_baseline(stats: list[ClientStats], client_baselines: dict[str, Clien
     return RoundWeights(weights, gains, dict(client_baselines))
 
 
+def cap_weights(weights: list[float], bound: float) -> list[float]:
+    """Weights with none above ``bound`` (raised to 1 / n when lower, the least feasible bound): each
+    weight over it is cut to it and the excess is shared by the others in proportion to their weights,
+    repeated until none exceeds it (water-filling). Sums to 1; the order of the weights is kept."""
+    bound = max(bound, 1 / len(weights))
+    out, capped = list(weights), set()
+    while over := [i for i, w in enumerate(out) if i not in capped and w > bound]:
+        capped.update(over)
+        free = [i for i in range(len(out)) if i not in capped]
+        left, free_total = 1.0 - bound * len(capped), sum(out[i] for i in free)
+        for i in capped:
+            out[i] = bound
+        for i in free:  # in proportion; equally when the free weights are all zero
+            out[i] = left * (out[i] / free_total if free_total > 0 else 1 / len(free))
+    return out
+
+
 WeightFn = Callable[[list[ClientStats], dict[str, ClientBaseline], FGRPOSettings], RoundWeights]
 # the strategies that use them: fgrpo.strategies.STRATEGIES
 

@@ -111,6 +111,10 @@ class RunConfig:
     baseline_momentum: float = _f(0.5, "EMA momentum of each client's baseline and spread, in [0, 1).")
     uniform_mix: float = _f(0.1, "Mix of the uniform distribution into the weights (lambda), in [0, 1].")
     size_exponent: float = _f(0.0, "Exponent alpha on the data share p_k (0 ignores data size).")
+    max_weight: float = _f(1.0, "Largest aggregation weight one client may get in a round, in (0, 1] (at least "
+                           "1 / |S| is used); a larger weight is cut and the excess shared by the others in "
+                           "proportion. Under central DP the noise is calibrated to this bound instead of the "
+                           "round's largest weight. 1: no bound.")
     gain_floor: float = _f(0.05, "Floor of the gain denominator, as a fraction of the client's "
                            "reward range.")
     # --- system ---------------------------------------------------------------------------------
@@ -211,6 +215,7 @@ class RunConfig:
         _check("epsilon_low", self.epsilon_low, self.epsilon_low < 1, "0 <= epsilon_low < 1")
         _check("lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "0 <= value < 1")
         _check("uniform_mix", self.uniform_mix, 0 <= self.uniform_mix <= 1, "0 <= value <= 1")
+        _check("max_weight", self.max_weight, 0 < self.max_weight <= 1, "0 < max_weight <= 1")
         _check("baseline_momentum", self.baseline_momentum, 0 <= self.baseline_momentum < 1,
                "0 <= value < 1")
         _check("dp_clip", self.dp_clip, self.dp_clip > 0, "> 0")

@@ -225,7 +225,10 @@ class Federation:
         combines nothing (local-only) has no weights (None) and keeps no baselines."""
         if self.strategy.weigh is None:
             return RoundWeights([None] * len(updates), [None] * len(updates), self.client_baselines)
-        return self.strategy.weigh([u.stats for u in updates], self.client_baselines, self.fgrpo_settings)
+        result = self.strategy.weigh([u.stats for u in updates], self.client_baselines, self.fgrpo_settings)
+        if self.cfg.max_weight < 1:  # a bound on any client's influence (and on central DP's sensitivity)
+            result.weights = aggregation.cap_weights(result.weights, self.cfg.max_weight)
+        return result
 
     def apply(self, rnd: int, updates: list[ClientUpdate], weights: RoundWeights,
               secure_sum: Callable | None = None) -> dict:
@@ -251,7 +254,8 @@ class Federation:
                 raise RoundFailed(f"round {rnd}: the securely aggregated update is unusable ({problem}); "
                                   "the last checkpoint is intact")
         if self.cfg.dp in ("server", "client"):  # central DP: noise on the weighted sum
-            server["dp_noise_std"] = privacy.central_noise_std(self.cfg.dp_noise, self.cfg.dp_clip, w)
+            server["dp_noise_std"] = privacy.central_noise_std(self.cfg.dp_noise, self.cfg.dp_clip, w,
+                                                               self.cfg.max_weight)
             delta = privacy.add_gaussian_noise(delta, server["dp_noise_std"],
                                                derived_seed(self.cfg.seed, "dp-central", rnd))
         server["pseudo_gradient_norm"] = update_norm(delta)

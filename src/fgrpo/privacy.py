@@ -8,6 +8,7 @@ Placement follows Flower's DP strategies and mods (``dp`` in the config):
 
     clip      Delta_k <- Delta_k * min(1, C / ||Delta_k||_2)
     central   Delta   =  sum_k w_k Delta_k + N(0, (sigma * C * max_k w_k)^2 I)
+              (with max_weight < 1 the weights are capped there and max_k w_k is replaced by that bound)
     local     Delta_k <- Delta_k + N(0, (sigma * C)^2 I)           (on the client, before sending)
 
 The sensitivity of the weighted sum to one client is w_k * C, with the round's weights treated as
@@ -53,9 +54,14 @@ def add_gaussian_noise(delta: Adapter, std: float, seed: int) -> Adapter:
             for k, v in sorted(delta.items())}
 
 
-def central_noise_std(noise_multiplier: float, clip: float, weights: list[float]) -> float:
+def central_noise_std(noise_multiplier: float, clip: float, weights: list[float], max_weight: float = 1.0,
+                      ) -> float:
     """sigma * C * max_k w_k: the std that makes the weighted sum a Gaussian mechanism with
-    multiplier sigma (the sensitivity to one client is w_k * C)."""
+    multiplier sigma (the sensitivity to one client is w_k * C). With a weight bound (``max_weight``
+    < 1) the noise is calibrated to the bound, sigma * C * max(max_weight, 1 / n), which does not
+    depend on the round's statistics."""
+    if max_weight < 1:
+        return noise_multiplier * clip * max(max_weight, 1 / len(weights))
     return noise_multiplier * clip * max(weights)
 
 
