@@ -197,3 +197,17 @@ def test_report_rebuilds_summary_and_plot_from_metrics_alone(tmp_path, capsys):
     same = {k for k in original if k not in ("final_macro_accuracy", "per_task_accuracy", "wall_seconds")}
     assert {k: rebuilt[k] for k in same} == {k: original[k] for k in same}
     assert main(["report", str(tmp_path)]) == 2
+
+
+def test_sgd_local_optimizer_trains_the_adapter():
+    from fgrpo.runner import InProcessFederation
+    from tiny import MOVING
+
+    options = {TINY_ARGS[i][2:].replace("-", "_"): TINY_ARGS[i + 1] for i in range(0, len(TINY_ARGS), 2)}
+    fed = InProcessFederation(build_config(overrides={**options, **MOVING, "num_clients": 2,
+                                                      "local_optimizer": "sgd", "lr": 0.5}))
+    assert isinstance(fed.optimizer, torch.optim.SGD) and fed.optimizer.defaults["momentum"] == 0.9
+    before = {k: v.clone() for k, v in fed.global_adapter.items()}
+    rows = fed.run_round(1)
+    assert any(r["kind"] == "client" and r["update_norm"] > 0 for r in rows)
+    assert any(not torch.equal(before[k], v) for k, v in fed.global_adapter.items())

@@ -95,3 +95,22 @@ def test_pooled_client_scores_each_prompt_with_its_owners_verifier():
     assert pooled.reward(x10, x10.answer) == 10.0
     signed = clients[3].train[0]
     assert pooled.reward(signed, "zz") == -1.0
+
+
+def test_noisy_verifiers_scenario_has_honest_flaky_and_inverted_verifiers():
+    clients = tasks.build_scenario("noisy-verifiers", 4, 20, seed=0, reward_noise=0.4)
+    honest, flaky, _, inverted = (c.reward for c in clients)
+    example = clients[1].train[0]
+    answers = [example.answer] + [f"wrong{i}" for i in range(1999)]
+    agree = [flaky(example, a) == tasks.correctness(example, a) for a in answers]
+    assert abs(agree.count(False) / len(agree) - 0.4 / 2) < 0.03  # a coin flip on 40% disagrees half the time
+    assert [flaky(example, a) for a in answers[:50]] == [flaky(example, a) for a in answers[:50]]  # deterministic
+    assert honest(example, example.answer) == 1.0 and honest(example, "wrong") == 0.0
+    assert inverted(clients[3].train[0], clients[3].train[0].answer) == 0.0 and inverted(example, "wrong") == 1.0
+
+
+def test_stalled_and_straggler_scenarios():
+    stalled = tasks.build_scenario("stalled", 4, 10, seed=0)
+    assert [c.task for c in stalled] == ["spell_backward", "spell_backward@3", "number_sorting", "number_sorting@3"]
+    stragglers = tasks.build_scenario("stragglers", 4, 10, seed=0, local_steps=8)
+    assert [c.local_steps for c in stragglers] == [8, 4, 2, 8]

@@ -17,7 +17,9 @@ from typing import Any
 
 from fgrpo.strategies import STRATEGIES
 
-SCENARIOS = ("scale-skew", "task-skew", "difficulty-skew", "dirichlet", "quantity-skew", "user-data")
+SCENARIOS = ("scale-skew", "task-skew", "difficulty-skew", "dirichlet", "quantity-skew", "noisy-verifiers", "stalled",
+             "stragglers", "user-data")
+LOCAL_OPTIMIZERS = ("adamw", "sgd")
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 GAIN_FORMS = ("z", "ratio")
@@ -57,6 +59,8 @@ class RunConfig:
                     "families; client k holds family k mod len(tasks). Known: spell_backward, "
                     "number_sorting, letter_counting, word_sorting; 'family@1'..'@3' are difficulty "
                     "levels of the first three.")
+    reward_noise: float = _f(0.5, "Share of answers on which the 'noisy-verifiers' scenario's flaky verifiers pay "
+                             "a coin flip instead of correctness, in [0, 1].")
     dirichlet_alpha: float = _f(0.5, "Concentration of the 'dirichlet' scenario's task mixtures "
                                 "(small: each client holds mostly one task).")
     seed: int = _f(0, "Seed for data, model init, client sampling and rollouts.")
@@ -74,8 +78,12 @@ class RunConfig:
     max_new_tokens: int = _f(10, "Maximum completion length in tokens.")
     temperature: float = _f(1.0, "Sampling temperature for rollouts (log-probs use the same).")
     top_p: float = _f(1.0, "Nucleus sampling threshold for rollouts, in (0, 1].")
-    lr: float = _f(1e-3, "AdamW learning rate on the LoRA parameters.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    local_optimizer: str = _f("adamw", "Client optimizer on the LoRA parameters: 'adamw', or 'sgd' (with "
+                              "local_momentum), under which a client's reward scale and advantage normalization "
+                              "reach its update norm (AdamW normalizes the step).")
+    local_momentum: float = _f(0.9, "Momentum of local_optimizer = 'sgd', in [0, 1).")
+    lr: float = _f(1e-3, "Learning rate of the client optimizer on the LoRA parameters.")
+    weight_decay: float = _f(0.0, "Weight decay of the client optimizer.")
     max_grad_norm: float = _f(1.0, "Gradient norm clip per optimizer step (0 disables).")
     loss_type: str = _f("grpo", f"Token aggregation of the loss: one of {', '.join(LOSS_TYPES)}.")
     scale_rewards: str = _f("group", "'group': divide advantages by the group's reward std; "
@@ -165,7 +173,8 @@ class RunConfig:
             "scenario": SCENARIOS, "strategy": STRATEGIES, "loss_type": LOSS_TYPES,
             "gain_form": GAIN_FORMS, "scale_rewards": SCALE_REWARDS, "server_optimizer": SERVER_OPTIMIZERS,
             "lora_aggregation": ("fedit", "ffa"), "delta_dtype": ("float32", "bfloat16", "float16"),
-            "dp": ("off", "server", "client", "local"), "mixed_precision": ("auto", "bf16", "no"),
+            "dp": ("off", "server", "client", "local"), "local_optimizer": LOCAL_OPTIMIZERS,
+            "mixed_precision": ("auto", "bf16", "no"),
             "device": ("auto", "cpu", "cuda"),
         }
         for key, valid in choices.items():
@@ -216,6 +225,8 @@ class RunConfig:
         _check("lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "0 <= value < 1")
         _check("uniform_mix", self.uniform_mix, 0 <= self.uniform_mix <= 1, "0 <= value <= 1")
         _check("max_weight", self.max_weight, 0 < self.max_weight <= 1, "0 < max_weight <= 1")
+        _check("reward_noise", self.reward_noise, 0 <= self.reward_noise <= 1, "0 <= reward_noise <= 1")
+        _check("local_momentum", self.local_momentum, 0 <= self.local_momentum < 1, "0 <= value < 1")
         _check("baseline_momentum", self.baseline_momentum, 0 <= self.baseline_momentum < 1,
                "0 <= value < 1")
         _check("dp_clip", self.dp_clip, self.dp_clip > 0, "> 0")

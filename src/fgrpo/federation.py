@@ -101,7 +101,10 @@ class Federation:
         self.state = ServerState(global_adapter, local_adapters={
             c.client_id: clone(global_adapter) for c in self.clients} if self.strategy.clients == "own" else {})
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                          if cfg.local_optimizer == "adamw" else
+                          torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.local_momentum,
+                                          weight_decay=cfg.weight_decay))
         self.fgrpo_settings = aggregation.FGRPOSettings.from_config(cfg)
         self.server_optimizer = aggregation.ServerOptimizer.from_config(cfg)
         if self.strategy.clients == "pooled" and self.clients:
@@ -334,7 +337,7 @@ def load_clients(cfg: RunConfig) -> tuple[list[tasks.ClientSpec], dict[str, list
     """(clients, held-out test sets per task, notes for the user) of a named scenario or of user data."""
     if cfg.scenario != "user-data":
         clients = tasks.build_scenario(cfg.scenario, cfg.num_clients, cfg.train_size, cfg.seed, cfg.task_list,
-                                       cfg.dirichlet_alpha, cfg.local_steps)
+                                       cfg.dirichlet_alpha, cfg.local_steps, cfg.reward_noise)
         test_sets = {t: tasks.test_split(t, cfg.eval_size) for t in tasks.scenario_tasks(clients, cfg.task_list)}
         return clients, test_sets, []
     from fgrpo import userdata

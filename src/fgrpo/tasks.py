@@ -246,6 +246,39 @@ REWARD_SCALES = {s.name: s for s in [RewardScale("x1", 1.0), RewardScale("x10", 
                                      RewardScale("partial", 1.0), RewardScale("signed", 2.0)]}
 
 
+@dataclass(frozen=True)
+class NoisyReward:
+    """A flaky verifier: on a pseudo-random ``noise`` share of (prompt, completion) pairs it pays a coin
+    flip (0 or 1) instead of correctness. Which pairs, and the flip, are a hash of the pair and
+    ``salt``: the same answer always gets the same reward, so runs stay reproducible and resumable."""
+
+    noise: float
+    salt: str
+    name: str = "noisy"
+    range: float = 1.0
+
+    def __call__(self, example: Example, completion: str) -> float:
+        if derived_seed(self.salt, example.prompt, completion) / 2**31 < self.noise:
+            return float(derived_seed(self.salt, "flip", example.prompt, completion) % 2)
+        return correctness(example, completion)
+
+
+@dataclass(frozen=True)
+class InvertedReward:
+    """A verifier that is wrong in a systematic way: it pays 1 for a wrong answer and 0 for a right one."""
+
+    name: str = "inverted"
+    range: float = 1.0
+
+    def __call__(self, example: Example, completion: str) -> float:
+        return 1.0 - correctness(example, completion)
+
+
+# Tasks the embedded model cannot solve (pass@8 = 0 measured, docs/embedded-default.md): the stalled
+# clients of the ``stalled`` scenario hold them.
+STALLED_TASKS = ("spell_backward@3", "number_sorting@3", "word_sorting")
+
+
 @dataclass
 class ClientSpec:
     client_id: str
@@ -257,7 +290,7 @@ class ClientSpec:
 
 def build_scenario(name: str, num_clients: int, train_size: int, seed: int,
                    tasks: tuple[str, ...] = DEFAULT_TASKS, dirichlet_alpha: float = 0.5,
-                   local_steps: int = 10) -> list[ClientSpec]:
+                   local_steps: int = 10, reward_noise: float = 0.5) -> list[ClientSpec]:
     """Clients of a named scenario (README, "Scenarios").
 
     - ``task-skew``: client k holds task ``tasks[k % len(tasks)]``, reward = correctness.
@@ -270,26 +303,50 @@ def build_scenario(name: str, num_clients: int, train_size: int, seed: int,
     - ``quantity-skew``: an IID pool split by flwr-datasets' SizePartitioner into sizes falling
       geometrically from ``train_size`` to ``train_size / 10``; a client's local steps per round
       scale with its size (as epochs over its data would), so n_k differs 10x too.
+    - ``noisy-verifiers``: task-skew; cycling over four kinds of verifier: honest, flaky on a
+      ``reward_noise`` share of answers (two clients of four, ``NoisyReward``), and wrong in a
+      systematic way (pays for wrong answers, ``InvertedReward``).
+    - ``stalled``: even clients hold the tasks, odd clients a task the model cannot solve yet
+      (``STALLED_TASKS``: no learning signal).
+    - ``stragglers``: task-skew, local work per round cycling over full, half and a quarter of
+      ``local_steps`` (run it with ``fraction`` < 1 for partial participation).
     """
-    if name not in ("scale-skew", "task-skew", "difficulty-skew", "dirichlet", "quantity-skew"):
+    if name not in ("scale-skew", "task-skew", "difficulty-skew", "dirichlet", "quantity-skew", "noisy-verifiers",
+                    "stalled", "stragglers"):
         raise ValueError(f"unknown scenario {name!r}")
     if name in ("dirichlet", "quantity-skew"):
         return _pooled_scenario(name, num_clients, train_size, seed, tasks, dirichlet_alpha, local_steps)
-    scales = list(REWARD_SCALES.values())
     clients = []
     for k in range(num_clients):
-        if name == "difficulty-skew":
-            levels = DIFFICULTY_LEVELS.get(family_of(tasks[0]))
-            if levels is None:
-                raise ValueError(f"difficulty-skew: task {tasks[0]!r} has no difficulty levels; "
-                                 f"choose one of {', '.join(DIFFICULTY_LEVELS)}")
-            task = f"{family_of(tasks[0])}@{k % len(levels) + 1}"
-        else:
-            task = tasks[k % len(tasks)]
-        reward = scales[k % len(scales)] if name == "scale-skew" else REWARD_SCALES["x1"]
+        task, reward, steps = _client_of(name, k, tasks, local_steps, reward_noise)
         train = train_split(task, train_size, seed=seed, salt=f"client{k}")
-        clients.append(ClientSpec(f"client-{k}", task, reward, train))
+        clients.append(ClientSpec(f"client-{k}", task, reward, train, steps))
     return clients
+
+
+def _client_of(name: str, k: int, tasks: tuple[str, ...], local_steps: int, reward_noise: float,
+               ) -> tuple[str, RewardFn, int | None]:
+    """(task, reward, local steps or None) of client k of a named scenario that is not split from a pool."""
+    if name == "difficulty-skew":
+        levels = DIFFICULTY_LEVELS.get(family_of(tasks[0]))
+        if levels is None:
+            raise ValueError(f"difficulty-skew: task {tasks[0]!r} has no difficulty levels; "
+                             f"choose one of {', '.join(DIFFICULTY_LEVELS)}")
+        task = f"{family_of(tasks[0])}@{k % len(levels) + 1}"
+    elif name == "stalled":
+        task = STALLED_TASKS[k // 2 % len(STALLED_TASKS)] if k % 2 else tasks[k // 2 % len(tasks)]
+    else:
+        task = tasks[k % len(tasks)]
+    reward, steps = REWARD_SCALES["x1"], None
+    if name == "scale-skew":
+        reward = list(REWARD_SCALES.values())[k % len(REWARD_SCALES)]
+    elif name == "noisy-verifiers" and k % 4 in (1, 2):
+        reward = NoisyReward(reward_noise, f"client-{k}")
+    elif name == "noisy-verifiers" and k % 4 == 3:
+        reward = InvertedReward()
+    elif name == "stragglers":
+        steps = max(1, local_steps // 2 ** (k % 3))
+    return task, reward, steps
 
 
 def _pooled_scenario(name: str, num_clients: int, train_size: int, seed: int, tasks: tuple[str, ...],
