@@ -236,3 +236,25 @@ def test_dp_accounting_counts_the_supernodes_when_owners_bring_their_own_data(tm
     accountant.step(noise_multiplier=0.9, sample_rate=0.5)
     assert server["epsilon"] == pytest.approx(accountant.get_epsilon(cfg.dp_delta), rel=1e-9)
     assert update_norm(fed.global_adapter) > 0
+
+
+def test_sample_completions_stay_on_the_client_and_never_reach_a_message(tmp_path):
+    """What a ClientApp replies (wire.update_content) holds no completion text, while the client's
+    completions-dir holds the round's samples."""
+    from fgrpo.config import build_config
+    from fgrpo.runner import InProcessFederation
+
+    options = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
+    fed = InProcessFederation(build_config(overrides={**options, **MOVING, "num_clients": 2, "completion_samples": 3}))
+    fed.completions_dir = tmp_path / "node"
+    update = fed.train_client(fed.clients[0], 1)
+    records = [json.loads(line) for line in (tmp_path / "node" / "client-0.jsonl").read_text().splitlines()]
+    texts = {c["text"] for r in records for c in r["completions"]}
+    prompts = {r["prompt"] for r in records}
+    assert len(records) == 3 and len(prompts) == 3
+    content = wire.update_content(update)
+    sent = [v for record in content.values() if not hasattr(record, "to_torch_state_dict")
+            for v in [*record.keys(), *record.values()]]  # every key and value besides the delta's arrays
+    assert len(sent) > 10
+    assert not any(isinstance(v, str) and v in texts for v in sent)  # no completion as a value
+    assert not any(p in str(v) for p in prompts for v in sent)  # no prompt anywhere

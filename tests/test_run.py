@@ -211,3 +211,42 @@ def test_sgd_local_optimizer_trains_the_adapter():
     rows = fed.run_round(1)
     assert any(r["kind"] == "client" and r["update_norm"] > 0 for r in rows)
     assert any(not torch.equal(before[k], v) for k, v in fed.global_adapter.items())
+
+
+def test_truncated_completions_are_counted_and_warned_about(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--max-new-tokens", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    clients = [r for r in rows if r["kind"] == "client"]
+    assert all(r["truncated_fraction"] > 0.5 and r["entropy"] >= 0 for r in clients)
+    assert "completions were cut at max_new_tokens = 1" in " ".join(capsys.readouterr().err.split())
+
+
+def test_tensorboard_events_hold_the_macro_accuracy_series(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--tensorboard", "true", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    series = [(e.step, e.value) for e in events.Scalars("eval/macro_accuracy")]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = [(r["round"], r["macro_accuracy"]) for r in rows if r["kind"] == "eval"]
+    assert [s for s, _ in series] == [s for s, _ in expected] == [0, 1, 2]
+    assert [v for _, v in series] == pytest.approx([v for _, v in expected], abs=1e-6)
+    assert "client/client-0/reward_end" in events.Tags()["scalars"]
+
+
+def test_clients_keep_sample_completions_and_fgrpo_completions_shows_them(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--completion-samples", "2", "--cache-dir", str(tmp_path / "cache"),
+                 "--out", str(out)]) == 0
+    for client in ("client-0", "client-1", "client-2", "client-3"):
+        records = [json.loads(line) for line in (out / "completions" / f"{client}.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in records] == [1, 1, 2, 2]  # 2 prompts per round, 2 rounds
+        assert all(len(r["completions"]) == 2 and {"text", "reward", "advantage"} <= set(r["completions"][0])
+                   for r in records)
+    capsys.readouterr()
+    assert main(["completions", str(out), "--round", "2", "--client", "client-1"]) == 0
+    shown = capsys.readouterr().out
+    assert "client-1" in shown and "client-0" not in shown

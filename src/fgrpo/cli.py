@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "and RUN_DIR/metrics.jsonl alone, and print the final per-task table.")
     rep.add_argument("run_dir", metavar="RUN_DIR")
     rep.set_defaults(func=cmd_report)
+
+    comp = sub.add_parser("completions", help="show the sample completions the clients kept",
+                          description="Show, as a table, the prompts, completions, rewards and advantages that "
+                          "each client kept on its own side (RUN_DIR/completions/, or a Flower node's "
+                          "completions-dir); the server never receives them.")
+    comp.add_argument("run_dir", metavar="RUN_DIR_OR_FOLDER")
+    comp.add_argument("--round", type=int, help="only this round")
+    comp.add_argument("--client", help="only this client id")
+    comp.set_defaults(func=cmd_completions)
     return parser
 
 
@@ -137,6 +146,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fgrpo.runner import report
 
     report(args.run_dir)
+    return 0
+
+
+def cmd_completions(args: argparse.Namespace) -> int:
+    from fgrpo.runner import show_completions
+
+    show_completions(args.run_dir, args.round, args.client)
     return 0
 
 

@@ -13,11 +13,13 @@ checkpoint holds. The runtimes add only who takes part in a round (``sample_part
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -97,6 +99,7 @@ class Federation:
         for client in self.clients:  # the failure policy for every verifier, built-in or the owner's
             client.reward = tasks.GuardedReward(client.reward)
         self.population = len(self.clients)  # clients that may take part (Flower: the connected nodes)
+        self.completions_dir: Path | None = None  # where clients keep sample completions (set by the runtime)
         global_adapter = clone(get_peft_model_state_dict(self.model))
         self.state = ServerState(global_adapter, local_adapters={
             c.client_id: clone(global_adapter) for c in self.clients} if self.strategy.clients == "own" else {})
@@ -146,6 +149,7 @@ class Federation:
             result = local_grpo(self.model, self.tokenizer, self.optimizer, batches, client.reward,
                                 settings, correctness_fn=tasks.correctness)
         seconds = time.perf_counter() - t0  # local training only: swapping counts as overhead
+        self.keep_samples(client.client_id, rnd, result.samples)
         failed, total = client.reward.take_failures()  # samples whose reward raised or was not finite
         result.metrics["reward_failures"] = failed / max(total, 1)
         local = get_peft_model_state_dict(self.model)
@@ -156,6 +160,15 @@ class Federation:
         wire = getattr(torch, self.cfg.delta_dtype)  # what the client sends (float32 by default)
         return ClientUpdate(stats, {k: v.to(wire) for k, v in delta.items()}, result.metrics, seconds,
                             client.task, client.reward.name)
+
+    def keep_samples(self, client_id: str, rnd: int, samples: list[dict]) -> None:
+        """Append the round's sample completions to ``completions_dir/<client_id>.jsonl``, on the client's
+        side (they are the owner's data: no message to the server carries them)."""
+        if self.completions_dir is None or not samples:
+            return
+        self.completions_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.completions_dir / f"{client_id}.jsonl", "a") as fh:
+            fh.writelines(json.dumps({"round": rnd, "client_id": client_id, **s}) + "\n" for s in samples)
 
     def privatize(self, delta: Adapter, stats: ClientStats, seed: int, metrics: dict, bound: float,
                   ) -> tuple[Adapter, ClientStats]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -139,7 +139,14 @@ def generate(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_
 
 
 def per_token_logps(model, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) for every completion token, [N, C].
+    """log pi(o_t | q, o_<t) for every completion token, [N, C]."""
+    return per_token_logps_and_entropy(model, rollouts, temperature)[0]
+
+
+def per_token_logps_and_entropy(model, rollouts: Rollouts, temperature: float = 1.0,
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(o_t | q, o_<t) for every completion token, [N, C], and the policy's entropy at each of
+    those positions, H_t = -sum_v pi(v) log pi(v), [N, C] (no gradient: a diagnostic).
 
     Two forwards: the B distinct prompts (their KV cache repeated G times), then the N completions
     on that cache. Same values as one forward over the N full sequences (up to float rounding;
@@ -154,8 +161,10 @@ def per_token_logps(model, rollouts: Rollouts, temperature: float = 1.0) -> torc
         rest = model(input_ids=rollouts.completion_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                      position_ids=position_ids[:, p:-1], cache=cache).logits  # [N, C-1, V]
         logits = torch.cat([logits, rest], dim=1)
-    logits = logits.float() / temperature
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, rollouts.completion_ids[..., None])[..., 0]
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # [N, C, V]
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N, C]
+    return torch.gather(logp_all, 2, rollouts.completion_ids[..., None])[..., 0], entropy
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
@@ -202,6 +211,20 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
     return loss, metrics
 
 
+def rollout_metrics(rollouts: Rollouts, group_std: torch.Tensor, entropy: torch.Tensor, eos_token_id: int,
+                    ) -> dict[str, float]:
+    """What a step's rollouts say (docs/algorithm.md, section 5): reward spread, groups without signal,
+    length, completions cut at max_new_tokens (no EOS; a cut answer usually scores 0), policy entropy."""
+    mask = rollouts.completion_mask.to(entropy.dtype)  # [N, C]
+    return {
+        "reward_std": group_std.mean().item(),
+        "frac_zero_std": (group_std == 0).float().mean().item(),
+        "completion_length": rollouts.completion_mask.sum(1).float().mean().item(),
+        "truncated_fraction": 1.0 - (rollouts.completion_ids == eos_token_id).any(1).float().mean().item(),
+        "entropy": ((entropy * mask).sum() / mask.sum().clamp(min=1)).item(),
+    }
+
+
 @dataclass(frozen=True)
 class GRPOSettings:
     """The subset of the run config that local GRPO needs (defaults and meanings: RunConfig)."""
@@ -221,6 +244,7 @@ class GRPOSettings:
     mu: int
     kl_bias_correction: bool
     proximal_mu: float
+    completion_samples: int  # prompts whose completions the client keeps each round
 
     @classmethod
     def from_config(cls, cfg: RunConfig, local_steps: int | None = None) -> GRPOSettings:
@@ -230,7 +254,7 @@ class GRPOSettings:
                    top_p=cfg.top_p, max_grad_norm=cfg.max_grad_norm, loss_type=cfg.loss_type,
                    scale_rewards=cfg.scale_rewards, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
                    epsilon_high=cfg.epsilon_high, mu=cfg.mu, kl_bias_correction=cfg.kl_bias_correction,
-                   proximal_mu=cfg.proximal_mu)
+                   proximal_mu=cfg.proximal_mu, completion_samples=cfg.completion_samples)
 
 
 @dataclass
@@ -242,6 +266,17 @@ class LocalResult:
     reward_end: float  # mean reward of the last local step's rollouts (r_end)
     reward_std: float  # mean within-group reward std over the local steps
     metrics: dict[str, float]
+    samples: list[dict] = field(default_factory=list)  # a few prompts with their completions: the owner's data
+
+
+def completion_samples(examples: list[Example], texts: list[str], rewards: torch.Tensor, advantages: torch.Tensor,
+                       group_size: int) -> list[dict]:
+    """One record per prompt of ``examples`` (the first of a step's batch): its completions with reward
+    and advantage. They stay with the data owner; nothing of them is sent to the server."""
+    return [{"prompt": e.prompt, "answer": e.answer,
+             "completions": [{"text": texts[i * group_size + j], "reward": float(rewards[i * group_size + j]),
+                              "advantage": float(advantages[i * group_size + j])} for j in range(group_size)]}
+            for i, e in enumerate(examples)]
 
 
 def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iterator[list[Example]],
@@ -252,6 +287,7 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
     anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None  # theta_global
     sums: dict[str, float] = {}
     step_rewards: list[float] = []
+    samples: list[dict] = []
     for _ in range(cfg.local_steps):
         examples = next(batches)
         model.eval()  # sampling and old/ref log-probs without dropout
@@ -262,6 +298,9 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
         advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards == "group")
         advantages = advantages.to(rollouts.prompt_ids.device)
         group_std = rewards.view(-1, cfg.group_size).std(dim=1)  # [B]
+        if not step_rewards and cfg.completion_samples:  # the first step's first prompts
+            samples = completion_samples(examples[:cfg.completion_samples], rollouts.texts, rewards, advantages,
+                                         cfg.group_size)
         with torch.no_grad():
             old_logps = per_token_logps(model, rollouts, cfg.temperature) if cfg.mu > 1 else None
             ref_logps = None
@@ -270,7 +309,7 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
                     ref_logps = per_token_logps(model, rollouts, cfg.temperature)
         model.train()
         for _ in range(cfg.mu):
-            logps = per_token_logps(model, rollouts, cfg.temperature)
+            logps, entropy = per_token_logps_and_entropy(model, rollouts, cfg.temperature)
             loss, loss_metrics = grpo_loss(logps, old_logps, ref_logps, advantages,
                                            rollouts.completion_mask, cfg.loss_type, cfg.beta,
                                            cfg.epsilon_low, cfg.epsilon_high, cfg.max_new_tokens,
@@ -286,12 +325,8 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step_rewards.append(rewards.mean().item())
-        step = {
-            "loss": loss.item(), "grad_norm": float(grad_norm), "reward_std": group_std.mean().item(),
-            "frac_zero_std": (group_std == 0).float().mean().item(),
-            "completion_length": rollouts.completion_mask.sum(1).float().mean().item(),
-            **loss_metrics,
-        }
+        step = {"loss": loss.item(), "grad_norm": float(grad_norm), **loss_metrics,
+                **rollout_metrics(rollouts, group_std, entropy, tokenizer.eos_token_id)}
         if correctness_fn is not None:
             step["train_accuracy"] = sum(correctness_fn(e, t) >= 1.0 for e, t in
                                          zip(rows, rollouts.texts)) / len(rows)
@@ -301,4 +336,4 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
     metrics = {key: value / cfg.local_steps for key, value in sums.items()}
     return LocalResult(num_prompts=cfg.local_steps * cfg.prompts_per_step,
                        reward_start=step_rewards[0], reward_end=step_rewards[-1],
-                       reward_std=metrics["reward_std"], metrics=metrics)
+                       reward_std=metrics["reward_std"], metrics=metrics, samples=samples)

@@ -67,6 +67,7 @@ class RunRecorder:
     def __init__(self, run_dir: Path, fed: Federation, checkpoint: Path | None = None):
         self.run_dir, self.fed, self.cfg = run_dir, fed, fed.cfg
         make_run_dir(run_dir, self.cfg)
+        self.board = tensorboard_writer(run_dir / "tensorboard") if self.cfg.tensorboard else None
         if checkpoint is None:
             self.done, self.metrics = 0, MetricsLog(run_dir / "metrics.jsonl")
         else:
@@ -77,6 +78,13 @@ class RunRecorder:
 
     def write(self, rows: list[dict]) -> None:
         self.metrics.write(rows)
+        if self.board is not None:  # numbers only; warnings have none
+            for row in rows:
+                prefix = f"client/{row['client_id']}" if row["kind"] == "client" else row["kind"]
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+                        self.board.add_scalar(f"{prefix}/{key}", value, row["round"])
+            self.board.flush()
 
     def end_round(self, rnd: int, rows: list[dict]) -> None:
         """Write round ``rnd``'s rows (round 0: the evaluation before training), then its checkpoint when due."""
@@ -92,7 +100,18 @@ class RunRecorder:
         plot_accuracy(self.metrics.rows, self.run_dir / "plots" / "accuracy.png")
         summary = build_summary(self.cfg, self.metrics.rows, wall_seconds, adapter_path)
         write_json_atomic(self.run_dir / "summary.json", summary)
+        if self.board is not None:
+            self.board.close()
         return summary
+
+
+def tensorboard_writer(path: Path):
+    """torch's SummaryWriter on ``path``; a clear error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard = true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(path))
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -77,6 +78,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool 
         for note in fed.notes:
             console.print(f"[yellow]data[/yellow]: {note}")
         record = RunRecorder(run_dir, fed, checkpoint)
+        fed.completions_dir = run_dir / "completions"  # the clients' side, in one process
         if checkpoint is not None:
             console.print(f"resumed from {checkpoint} (round {record.done} of {cfg.rounds})")
         else:
@@ -101,9 +103,17 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool 
     return summary
 
 
+TRUNCATION_WARNING = 0.5  # warn when more than this share of a client's completions hit max_new_tokens
+
+
 def _print_warnings(console: Console, fed: Federation, rnd: int, rows: list[dict]) -> None:
-    """Clients left out of the round, and verifiers that failed on every sample."""
+    """Clients left out of the round, verifiers that failed on every sample, and clients whose
+    completions were mostly cut at max_new_tokens (their rewards then say little about the task)."""
     for r in rows:
+        if r.get("truncated_fraction", 0.0) > TRUNCATION_WARNING:
+            console.print(f"[yellow]warning[/yellow]: round {rnd}: client {r['client_id']}: "
+                          f"{100 * r['truncated_fraction']:.0f}% of its completions were cut at max_new_tokens = "
+                          f"{fed.cfg.max_new_tokens} (a cut answer usually scores 0); raise --max-new-tokens")
         if r["kind"] == "warning":
             console.print(f"[yellow]warning[/yellow]: round {rnd}: {r['client_id']} left out: {r['reason']}")
         if r.get("reward_failures") == 1.0:
@@ -176,6 +186,35 @@ def report(run_dir: str | Path, console: Console | None = None) -> dict:
     console.print(_summary_table(summary))
     console.print(f"wrote {old} and {run_dir / 'plots' / 'accuracy.png'}")
     return summary
+
+
+def show_completions(folder: str | Path, rnd: int | None = None, client: str | None = None,
+                     console: Console | None = None) -> int:
+    """``fgrpo completions``: the sample completions kept on the clients' side (RUN_DIR/completions/*.jsonl,
+    or a Flower node's completions-dir) as a table; returns how many completions it showed."""
+    folder = Path(folder)
+    folder = folder / "completions" if (folder / "completions").is_dir() else folder
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise ConfigError(f"completions: {str(folder)!r} holds no <client>.jsonl; give a run directory or a "
+                          "node's completions-dir")
+    console = console or Console()
+    table = Table(title=f"sample completions ({folder})", title_justify="left", show_lines=True)
+    for column in ("round", "client", "prompt", "answer", "completion", "reward", "advantage"):
+        table.add_column(column, justify="right" if column in ("round", "reward", "advantage") else "left")
+    shown = 0
+    for path in files:
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if (rnd is not None and record["round"] != rnd) or (client is not None and record["client_id"] != client):
+                continue
+            for c in record["completions"]:
+                table.add_row(str(record["round"]), record["client_id"], escape(record["prompt"]),
+                              escape(record["answer"]), escape(c["text"]), f"{c['reward']:.3g}",
+                              f"{c['advantage']:+.2f}")
+                shown += 1
+    console.print(table)
+    return shown
 
 
 def evaluate_saved(adapter: str | None, model: str | None, task_names: str | None, eval_size: int | None,

@@ -12,6 +12,7 @@ only it has them.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
@@ -40,6 +41,8 @@ def owner(context: Context):
         client = fed.clients[partition]
     if "client-id" in node:
         client = replace(client, client_id=str(node["client-id"]))
+    # sample completions stay on this node, where its operator says (none written without completions-dir)
+    fed.completions_dir = Path(str(node["completions-dir"])) if "completions-dir" in node else None
     return fed, client
 
 
