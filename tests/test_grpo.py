@@ -215,3 +215,40 @@ def test_fedprox_term_adds_mu_times_the_drift_to_the_gradient():
     assert any(d.abs().max() > 0 for d in drift)
     for p0, p2, d in zip(plain, prox, drift):
         assert torch.allclose(p2, p0 - 0.5 * 2.0 * d, atol=1e-6)
+
+
+def test_concatenated_rollouts_keep_every_log_prob(tiny_lora):
+    """Two generate calls of different widths as one batch (dynamic sampling merges them): the same
+    per-token log-probs, thanks to position ids from the attention mask."""
+    from fgrpo.grpo import concat_rollouts, select_groups
+
+    model, tokenizer = tiny_lora
+    torch.manual_seed(0)
+    short = generate(model, tokenizer, ["rev:ab=", "cnt a:a="], 2, 3)
+    long = generate(model, tokenizer, ["rev:abcdef=", "desc:1,22,3="], 2, 6)
+    merged = concat_rollouts([select_groups(short, [1]), long], tokenizer.pad_token_id)
+    assert merged.prompt_ids.shape[0] == 6 and merged.texts == short.texts[2:] + long.texts
+    with torch.no_grad():
+        parts = [per_token_logps(model, select_groups(short, [1])), per_token_logps(model, long)]
+        together = per_token_logps(model, merged)
+    for rows, part in zip((slice(0, 2), slice(2, 6)), parts):
+        mask = merged.completion_mask[rows, :part.shape[1]].bool()
+        assert torch.allclose(together[rows, :part.shape[1]][mask], part[mask], atol=1e-5)
+
+
+def test_dynamic_sampling_trains_only_on_groups_with_signal(tiny_lora):
+    from fgrpo.grpo import sample_step
+
+    model, tokenizer = tiny_lora
+    examples = tasks.train_split("letter_counting", 64, seed=0)
+    cfg = grpo_settings(1, prompts_per_step=4, group_size=4, max_new_tokens=3, dynamic_sampling=3)
+    reward = lambda e, t: float(len(t) % 2)  # noisy: some groups tie, some do not
+    torch.manual_seed(0)
+    step = sample_step(model, tokenizer, prompt_batches(examples, 4, seed=0), reward, cfg)
+    stds = step.rewards.view(-1, 4).std(dim=1)
+    assert 1 <= step.generations <= 4 and step.first_rewards.shape == (16,)
+    assert len(step.rollouts.texts) == step.rewards.shape[0] <= 16 and bool((stds > 0).all())
+    torch.manual_seed(0)
+    plain = sample_step(model, tokenizer, prompt_batches(examples, 4, seed=0), reward,
+                        grpo_settings(1, prompts_per_step=4, group_size=4, max_new_tokens=3))
+    assert plain.generations == 1 and torch.equal(plain.first_rewards, step.first_rewards)  # same first batch

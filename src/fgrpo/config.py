@@ -134,6 +134,10 @@ class RunConfig:
     cache_dir: str = _f("", "Cache for the embedded model; empty means $FGRPO_CACHE or the user "
                         "cache folder.")
     warm_start_steps: int = _f(800, "Supervised warm-start steps of the embedded model.")
+    dynamic_sampling: int = _f(0, "DAPO's dynamic sampling: groups whose rewards are all equal (no signal) are "
+                               "dropped and replaced by groups of further prompts, with at most this many extra "
+                               "generate calls per local step (0: off). Statistics (r_start, r_end) still come from "
+                               "each step's first batch.")
     completion_samples: int = _f(2, "Prompts per client and round whose completions (with reward and advantage) "
                                  "the client writes to its own side: RUN_DIR/completions/<client>.jsonl in-process, "
                                  "the node_config's completions-dir on Flower; never sent to the server. 0: none.")
@@ -232,6 +236,7 @@ class RunConfig:
         _check("uniform_mix", self.uniform_mix, 0 <= self.uniform_mix <= 1, "0 <= value <= 1")
         _check("max_weight", self.max_weight, 0 < self.max_weight <= 1, "0 < max_weight <= 1")
         _check("reward_noise", self.reward_noise, 0 <= self.reward_noise <= 1, "0 <= reward_noise <= 1")
+        _check("dynamic_sampling", self.dynamic_sampling, self.dynamic_sampling >= 0, "an integer >= 0")
         _check("completion_samples", self.completion_samples, self.completion_samples >= 0, "an integer >= 0")
         _check("local_momentum", self.local_momentum, 0 <= self.local_momentum < 1, "0 <= value < 1")
         _check("baseline_momentum", self.baseline_momentum, 0 <= self.baseline_momentum < 1,

@@ -245,6 +245,7 @@ class GRPOSettings:
     kl_bias_correction: bool
     proximal_mu: float
     completion_samples: int  # prompts whose completions the client keeps each round
+    dynamic_sampling: int  # extra generate calls per step to replace groups without signal (0: off)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, local_steps: int | None = None) -> GRPOSettings:
@@ -254,7 +255,8 @@ class GRPOSettings:
                    top_p=cfg.top_p, max_grad_norm=cfg.max_grad_norm, loss_type=cfg.loss_type,
                    scale_rewards=cfg.scale_rewards, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
                    epsilon_high=cfg.epsilon_high, mu=cfg.mu, kl_bias_correction=cfg.kl_bias_correction,
-                   proximal_mu=cfg.proximal_mu, completion_samples=cfg.completion_samples)
+                   proximal_mu=cfg.proximal_mu, completion_samples=cfg.completion_samples,
+                   dynamic_sampling=cfg.dynamic_sampling)
 
 
 @dataclass
@@ -279,6 +281,75 @@ def completion_samples(examples: list[Example], texts: list[str], rewards: torch
             for i, e in enumerate(examples)]
 
 
+def select_groups(r: Rollouts, groups: list[int]) -> Rollouts:
+    """The rows of the given groups (each of ``group_size`` consecutive rows), in that order."""
+    rows = [g * r.group_size + j for g in groups for j in range(r.group_size)]
+    return Rollouts(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
+                    [r.texts[i] for i in rows], r.group_size)
+
+
+def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
+    """Rollouts of several generate calls as one batch: prompts left-padded and completions right-padded
+    to the widest (masks 0 on the padding)."""
+    p = max(r.prompt_ids.shape[1] for r in parts)
+    c = max(r.completion_ids.shape[1] for r in parts)
+
+    def cat(name: str, left: bool, width: int, value: int) -> torch.Tensor:
+        tensors = [getattr(r, name) for r in parts]
+        return torch.cat([F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=value)
+                          for t in tensors])
+
+    return Rollouts(cat("prompt_ids", True, p, pad_token_id), cat("prompt_mask", True, p, 0),
+                    cat("completion_ids", False, c, pad_token_id), cat("completion_mask", False, c, 0),
+                    [t for r in parts for t in r.texts], parts[0].group_size)
+
+
+@dataclass
+class StepRollouts:
+    """What one local step trains on, and the plain sample of the policy its statistics come from."""
+
+    examples: list[Example]  # the prompts of the first batch
+    rollouts: Rollouts  # the groups trained on (with dynamic sampling: those whose rewards differ)
+    rewards: torch.Tensor  # [N] of ``rollouts``
+    first_rewards: torch.Tensor  # [B*G] of the first batch: r_start / r_end, the reward std, samples
+    first_texts: list[str]
+    generations: int  # generate calls this step
+
+
+def sample_step(model, tokenizer, batches: Iterator[list[Example]], reward_fn: RewardFn, cfg: GRPOSettings,
+                ) -> StepRollouts:
+    """A step's rollouts and rewards. With ``dynamic_sampling = K`` (DAPO), groups whose rewards are all
+    equal carry no signal and are replaced by groups of further prompts, with at most K extra generate
+    calls; the step trains on at most B groups with signal (on the first batch when none has any)."""
+    def draw() -> tuple[list[Example], Rollouts, torch.Tensor]:
+        examples = next(batches)
+        rollouts = generate(model, tokenizer, [e.prompt for e in examples], cfg.group_size,
+                            cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        rows = [e for e in examples for _ in range(cfg.group_size)]  # N = B*G
+        return examples, rollouts, torch.tensor([reward_fn(e, t) for e, t in zip(rows, rollouts.texts)])
+
+    examples, rollouts, rewards = draw()
+    first = StepRollouts(examples, rollouts, rewards, rewards, rollouts.texts, 1)
+    if not cfg.dynamic_sampling:
+        return first
+    kept: list[tuple[Rollouts, torch.Tensor]] = []
+    while True:
+        signal = (rewards.view(-1, cfg.group_size).std(dim=1) > 0).nonzero().flatten().tolist()
+        kept.append((select_groups(rollouts, signal), rewards.view(-1, cfg.group_size)[signal].flatten()))
+        groups = sum(len(r.texts) for r, _ in kept) // cfg.group_size
+        if groups >= cfg.prompts_per_step or first.generations > cfg.dynamic_sampling:
+            break
+        _, rollouts, rewards = draw()
+        first.generations += 1
+    if groups == 0:
+        return first
+    n = cfg.prompts_per_step * cfg.group_size
+    first.rollouts = select_groups(concat_rollouts([r for r, _ in kept if r.texts], tokenizer.pad_token_id),
+                                   list(range(min(groups, cfg.prompts_per_step))))
+    first.rewards = torch.cat([w for _, w in kept])[:n]
+    return first
+
+
 def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iterator[list[Example]],
                reward_fn: RewardFn, cfg: GRPOSettings, correctness_fn: RewardFn | None = None,
                ) -> LocalResult:
@@ -289,18 +360,17 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
     step_rewards: list[float] = []
     samples: list[dict] = []
     for _ in range(cfg.local_steps):
-        examples = next(batches)
         model.eval()  # sampling and old/ref log-probs without dropout
-        rollouts = generate(model, tokenizer, [e.prompt for e in examples], cfg.group_size,
-                            cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-        rows = [e for e in examples for _ in range(cfg.group_size)]  # N = B*G
-        rewards = torch.tensor([reward_fn(e, t) for e, t in zip(rows, rollouts.texts)])  # [N]
+        step_rollouts = sample_step(model, tokenizer, batches, reward_fn, cfg)
+        rollouts, rewards = step_rollouts.rollouts, step_rollouts.rewards  # what the step trains on
         advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards == "group")
         advantages = advantages.to(rollouts.prompt_ids.device)
-        group_std = rewards.view(-1, cfg.group_size).std(dim=1)  # [B]
+        first_rewards = step_rollouts.first_rewards  # [B*G]: the policy's plain sample, for the statistics
+        group_std = first_rewards.view(-1, cfg.group_size).std(dim=1)  # [B]
         if not step_rewards and cfg.completion_samples:  # the first step's first prompts
-            samples = completion_samples(examples[:cfg.completion_samples], rollouts.texts, rewards, advantages,
-                                         cfg.group_size)
+            examples = step_rollouts.examples[:cfg.completion_samples]
+            plain = group_advantages(first_rewards, cfg.group_size, cfg.scale_rewards == "group")
+            samples = completion_samples(examples, step_rollouts.first_texts, first_rewards, plain, cfg.group_size)
         with torch.no_grad():
             old_logps = per_token_logps(model, rollouts, cfg.temperature) if cfg.mu > 1 else None
             ref_logps = None
@@ -324,12 +394,15 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
                          if cfg.max_grad_norm > 0 else torch.tensor(0.0))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        step_rewards.append(rewards.mean().item())
+        step_rewards.append(first_rewards.mean().item())
         step = {"loss": loss.item(), "grad_norm": float(grad_norm), **loss_metrics,
                 **rollout_metrics(rollouts, group_std, entropy, tokenizer.eos_token_id)}
+        if cfg.dynamic_sampling:
+            step["generations_per_step"] = float(step_rollouts.generations)
         if correctness_fn is not None:
+            rows = [e for e in step_rollouts.examples for _ in range(cfg.group_size)]
             step["train_accuracy"] = sum(correctness_fn(e, t) >= 1.0 for e, t in
-                                         zip(rows, rollouts.texts)) / len(rows)
+                                         zip(rows, step_rollouts.first_texts)) / len(rows)
         for key, value in step.items():
             sums[key] = sums.get(key, 0.0) + value
     model.eval()
