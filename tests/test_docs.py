@@ -21,6 +21,7 @@ def test_config_reference_is_generated_from_the_code():
 def test_every_emitted_metric_is_in_the_glossary(tmp_path):
     out = tmp_path / "run"
     args = ["run", *TINY, "--rounds", "1", "--beta", "0.1", "--proximal-mu", "0.1", "--dp", "client",
+            "--format-reward", "0.5", "--dynamic-sampling", "1",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     assert main(args) == 0
     glossary = (DOCS / "algorithm.md").read_text().split("## 5. Metrics glossary", 1)[1]

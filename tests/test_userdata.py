@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fgrpo import userdata
+from fgrpo import tasks, userdata
 from fgrpo.cli import main
 from fgrpo.config import ConfigError
 from fgrpo.tasks import Example, GuardedReward, correctness
@@ -107,3 +107,17 @@ def test_two_owners_run_end_to_end_with_their_own_verifiers(tmp_path, capsys):
 def test_data_option_errors(tmp_path):
     assert main(["run", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r")]) == 2
     assert main(["run", "--data", "x.jsonl", "--scenario", "task-skew", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_weighted_reward_functions_combine_and_are_logged_each():
+    def broken_format(example, completion):
+        raise ValueError("format checker down")
+
+    example = Example("t", "q", "abc", {}, userdata.exact_match)
+    reward = GuardedReward(userdata.OwnerReward("exact", userdata.exact_match),
+                           (("format", tasks.format_reward, 0.5), ("broken", broken_format, 2.0)))
+    assert reward(example, "abc") == 1.0 + 0.5 * 1.0 + 0.0  # verifier + 0.5 x format; a failing part scores 0
+    assert reward(example, "abc.") == 0.0 + 0.5 * 0.0
+    assert reward(example, "xyz") == 0.0 + 0.5 * 1.0
+    assert reward.take_components() == {"reward/verifier": 1 / 3, "reward/format": 2 / 3, "reward/broken": 0.0}
+    assert reward.take_components() == {} and reward.failures == 0  # reset; only the verifier's failures count

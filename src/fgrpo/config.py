@@ -134,6 +134,10 @@ class RunConfig:
     cache_dir: str = _f("", "Cache for the embedded model; empty means $FGRPO_CACHE or the user "
                         "cache folder.")
     warm_start_steps: int = _f(800, "Supervised warm-start steps of the embedded model.")
+    format_reward: float = _f(0.0, "Weight of a format reward added to every client's verifier reward: "
+                              "r = r_verifier + format_reward * r_format, r_format = 1 when the completion is its "
+                              "answer and nothing else (no surrounding space, no trailing period), else 0; both "
+                              "components are logged (reward/verifier, reward/format). 0: off.")
     dynamic_sampling: int = _f(0, "DAPO's dynamic sampling: groups whose rewards are all equal (no signal) are "
                                "dropped and replaced by groups of further prompts, with at most this many extra "
                                "generate calls per local step (0: off). Statistics (r_start, r_end) still come from "
@@ -236,6 +240,7 @@ class RunConfig:
         _check("uniform_mix", self.uniform_mix, 0 <= self.uniform_mix <= 1, "0 <= value <= 1")
         _check("max_weight", self.max_weight, 0 < self.max_weight <= 1, "0 < max_weight <= 1")
         _check("reward_noise", self.reward_noise, 0 <= self.reward_noise <= 1, "0 <= reward_noise <= 1")
+        _check("format_reward", self.format_reward, self.format_reward >= 0, ">= 0 (0: off)")
         _check("dynamic_sampling", self.dynamic_sampling, self.dynamic_sampling >= 0, "an integer >= 0")
         _check("completion_samples", self.completion_samples, self.completion_samples >= 0, "an integer >= 0")
         _check("local_momentum", self.local_momentum, 0 <= self.local_momentum < 1, "0 <= value < 1")

@@ -7,13 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fgrpo.grpo import generate
-from fgrpo.tasks import Example, correctness
-
-
-def content_answer(completion: str) -> str:
-    """The answer with its format forgiven: surrounding white space and one trailing period removed
-    (``" paos. "`` -> ``"paos"``). The one rule behind every ``content_*`` accuracy."""
-    return completion.strip().removesuffix(".").strip()
+from fgrpo.tasks import Example, content_answer, correctness
 
 
 @dataclass

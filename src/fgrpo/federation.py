@@ -96,8 +96,9 @@ class Federation:
         self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed,
                               freeze_a=cfg.lora_aggregation == "ffa")
         self.clients, self.test_sets, self.notes = ([], {}, []) if remote_clients else load_clients(cfg)
+        extra = (("format", tasks.format_reward, cfg.format_reward),) if cfg.format_reward > 0 else ()
         for client in self.clients:  # the failure policy for every verifier, built-in or the owner's
-            client.reward = tasks.GuardedReward(client.reward)
+            client.reward = tasks.GuardedReward(client.reward, extra)
         self.population = len(self.clients)  # clients that may take part (Flower: the connected nodes)
         self.completions_dir: Path | None = None  # where clients keep sample completions (set by the runtime)
         global_adapter = clone(get_peft_model_state_dict(self.model))
@@ -113,7 +114,7 @@ class Federation:
         if self.strategy.clients == "pooled" and self.clients:
             steps = sum(self.local_steps(c) for c in self.clients) * self.clients_per_round() / len(self.clients)
             self.pooled = tasks.pooled_client(self.clients, max(1, round(steps)))
-            self.pooled.reward = tasks.GuardedReward(self.pooled.reward)
+            self.pooled.reward = tasks.GuardedReward(self.pooled.reward, extra)
 
     # shorthands for the state the runtimes and tests read
     @property
@@ -152,6 +153,7 @@ class Federation:
         self.keep_samples(client.client_id, rnd, result.samples)
         failed, total = client.reward.take_failures()  # samples whose reward raised or was not finite
         result.metrics["reward_failures"] = failed / max(total, 1)
+        result.metrics.update(client.reward.take_components())
         local = get_peft_model_state_dict(self.model)
         delta = {k: (local[k] - start[k]).detach().clone() for k in start}
         stats = ClientStats(client.client_id, result.num_prompts, result.reward_start, result.reward_end,

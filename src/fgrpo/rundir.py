@@ -140,7 +140,7 @@ def build_summary(cfg: RunConfig, rows: list[dict], wall_seconds: float, adapter
         "final_worst_task_accuracy": last["worst_task_accuracy"],
         "initial_per_task_accuracy": initial,
         "per_task_accuracy": per_task,
-        # the same answers forgiven their format (evaluation.content_answer); absent in rows of older runs
+        # the same answers forgiven their format (tasks.content_answer); absent in rows of older runs
         "initial_content_macro_accuracy": first.get("content_macro_accuracy"),
         "final_content_macro_accuracy": last.get("content_macro_accuracy"),
         "per_task_content_accuracy": content,

@@ -194,6 +194,17 @@ class RewardScale:
         raise ValueError(f"unknown reward scale {self.name!r}")
 
 
+def content_answer(completion: str) -> str:
+    """The answer with its format forgiven: surrounding white space and one trailing period removed
+    (``" paos. "`` -> ``"paos"``). The one rule behind every ``content_*`` accuracy and the format reward."""
+    return completion.strip().removesuffix(".").strip()
+
+
+def format_reward(example: Example, completion: str) -> float:
+    """1 when the completion is its answer and nothing else (``content_answer`` leaves it as it is), else 0."""
+    return float(bool(completion) and content_answer(completion) == completion)
+
+
 def guarded_call(verifier: Callable[..., float], *args) -> tuple[float, str | None]:
     """(score, None), or (0.0, what went wrong) when the verifier raises or returns a non-finite value:
     a verifier's bug or outage costs one sample, never the client."""
@@ -210,15 +221,21 @@ class GuardedReward:
     """Every client's reward as training sees it: a sample whose reward raises or is not finite
     scores 0 and is counted (``take_failures``); one bad sample never stops a client. It also keeps the
     lowest and highest reward given since ``take_observed_range`` was last called: the range a client
-    reports is what its verifier actually produced, so no verifier needs to declare a scale."""
+    reports is what its verifier actually produced, so no verifier needs to declare a scale.
 
-    def __init__(self, reward: RewardFn):
-        self.reward = reward
+    ``extra``: further reward functions with weights, (name, function, weight): the reward is
+    r = r_verifier + sum_j weight_j * r_j, and each component's mean is logged (``take_components``)."""
+
+    def __init__(self, reward: RewardFn, extra: tuple[tuple[str, RewardFn, float], ...] = ()):
+        self.reward, self.extra = reward, extra
         self.name = getattr(reward, "name", "custom")
-        self.declared_range = getattr(reward, "range", 1.0)  # for DP on the statistics only
+        # for DP on the statistics only
+        self.declared_range = getattr(reward, "range", 1.0) + sum(abs(w) for _, _, w in extra)
         self.failures = self.calls = 0
         self.last_error = ""
         self.low, self.high = math.inf, -math.inf
+        self.component_sums: dict[str, float] = {}
+        self.component_calls = 0
 
     def __call__(self, example: Example, completion: str) -> float:
         self.calls += 1
@@ -226,8 +243,21 @@ class GuardedReward:
         if error is not None:
             self.failures += 1
             self.last_error = error
+        if self.extra:
+            self.component_calls += 1
+            self.component_sums["reward/verifier"] = self.component_sums.get("reward/verifier", 0.0) + value
+            for name, fn, weight in self.extra:
+                part = guarded_call(fn, example, completion)[0]
+                self.component_sums[f"reward/{name}"] = self.component_sums.get(f"reward/{name}", 0.0) + part
+                value += weight * part
         self.low, self.high = min(self.low, value), max(self.high, value)
         return value
+
+    def take_components(self) -> dict[str, float]:
+        """Mean of each reward component (unweighted) since the last call; empty without ``extra``."""
+        out = {k: v / self.component_calls for k, v in self.component_sums.items()} if self.component_calls else {}
+        self.component_sums, self.component_calls = {}, 0
+        return out
 
     def take_observed_range(self) -> float:
         """max - min of the rewards given since the last call (0 when none or all equal)."""
