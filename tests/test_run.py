@@ -250,3 +250,9 @@ def test_clients_keep_sample_completions_and_fgrpo_completions_shows_them(tmp_pa
     assert main(["completions", str(out), "--round", "2", "--client", "client-1"]) == 0
     shown = capsys.readouterr().out
     assert "client-1" in shown and "client-0" not in shown
+    kept = out / "completions" / "client-0.jsonl"
+    with open(kept, "a") as fh:  # as if a crash hit round 3 after the client wrote its samples
+        fh.write(json.dumps({"round": 3, "client_id": "client-0", "prompt": "p", "answer": "a", "completions": []})
+                 + "\n")
+    assert main(["run", "--resume", str(out), "--rounds", "3"]) == 0
+    assert [json.loads(line)["round"] for line in kept.read_text().splitlines()] == [1, 1, 2, 2, 3, 3]

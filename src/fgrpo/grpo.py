@@ -139,14 +139,15 @@ def generate(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_
 
 
 def per_token_logps(model, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) for every completion token, [N, C]."""
-    return per_token_logps_and_entropy(model, rollouts, temperature)[0]
+    """log pi(o_t | q, o_<t) for every completion token, [N, C] (old and reference log-probs: no entropy)."""
+    return per_token_logps_and_entropy(model, rollouts, temperature, entropy=False)[0]
 
 
-def per_token_logps_and_entropy(model, rollouts: Rollouts, temperature: float = 1.0,
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(o_t | q, o_<t) for every completion token, [N, C], and the policy's entropy at each of
-    those positions, H_t = -sum_v pi(v) log pi(v), [N, C] (no gradient: a diagnostic).
+def per_token_logps_and_entropy(model, rollouts: Rollouts, temperature: float = 1.0, entropy: bool = True,
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(o_t | q, o_<t) for every completion token, [N, C], and (with ``entropy``) the policy's
+    entropy at each of those positions, H_t = -sum_v pi(v) log pi(v), [N, C] (no gradient: a diagnostic;
+    it costs one more pass over the [N, C, vocabulary] probabilities, so only the loss forward asks).
 
     Two forwards: the B distinct prompts (their KV cache repeated G times), then the N completions
     on that cache. Same values as one forward over the N full sequences (up to float rounding;
@@ -162,9 +163,11 @@ def per_token_logps_and_entropy(model, rollouts: Rollouts, temperature: float = 
                      position_ids=position_ids[:, p:-1], cache=cache).logits  # [N, C-1, V]
         logits = torch.cat([logits, rest], dim=1)
     logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # [N, C, V]
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N, C]
-    return torch.gather(logp_all, 2, rollouts.completion_ids[..., None])[..., 0], entropy
+    token_entropy = None
+    if entropy:
+        with torch.no_grad():
+            token_entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N, C]
+    return torch.gather(logp_all, 2, rollouts.completion_ids[..., None])[..., 0], token_entropy
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:

@@ -80,6 +80,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool 
         record = RunRecorder(run_dir, fed, checkpoint)
         fed.completions_dir = run_dir / "completions"  # the clients' side, in one process
         if checkpoint is not None:
+            drop_samples_after(fed.completions_dir, record.done)  # rounds the resumed run trains again
             console.print(f"resumed from {checkpoint} (round {record.done} of {cfg.rounds})")
         else:
             row = fed.eval_row(0)
@@ -104,6 +105,15 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool 
 
 
 TRUNCATION_WARNING = 0.5  # warn when more than this share of a client's completions hit max_new_tokens
+
+
+def drop_samples_after(folder: Path, rnd: int) -> None:
+    """Remove sample completions of rounds after ``rnd`` (written before a crash, trained again on resume)."""
+    for path in folder.glob("*.jsonl"):
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["round"] <= rnd]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(path)
 
 
 def _print_warnings(console: Console, fed: Federation, rnd: int, rows: list[dict]) -> None:
