@@ -10,6 +10,8 @@ slope over all four sizes is reported too. Last line: one JSON object.
     python benchmarks/memory.py --quick     # K = 1, 4, 16, 64; 500 prompts per client
     python benchmarks/memory.py             # K = 1, 4, 16, 64; 2000 prompts per client (default)
     python benchmarks/memory.py --quick --model 24M   # the 23.9 M-parameter config of step_vs_trl.py
+    python benchmarks/memory.py --quick --model smollm2 --clients 1,8 --max-new-tokens 64
+        # the real SmolLM2-135M-Instruct (chat prompts, 1-digit arithmetic): 8 clients against 1
 """
 
 from __future__ import annotations
@@ -25,16 +27,22 @@ import tempfile
 
 import psutil
 
+ARITHMETIC = ("basic_arithmetic:max_terms=2,min_digits=1,max_digits=1,allow_negation=False,allow_parentheses=False,"
+              "chain_sum:max_terms=2,max_digits=1")
 
-def measure(clients: int, train_size: int, model: str) -> dict:
+
+def measure(clients: int, train_size: int, model: str, max_new_tokens: int | None) -> dict:
     """Run in a child process: peak RSS (bytes) after one round with ``clients`` clients."""
     from fgrpo.config import build_config
     from fgrpo.runner import InProcessFederation, quiet_libraries
 
     quiet_libraries()
+    chat_model = model == "smollm2" or model.endswith(".gguf")  # a real model: its tasks, smaller steps
+    small = {"tasks": ARITHMETIC, "prompts_per_step": 4, "group_size": 4, "eval_size": 8} if chat_model else {}
     cfg = build_config(overrides={"num_clients": clients, "fraction": min(1.0, 4 / clients),
                                   "local_steps": 2, "train_size": train_size, "rounds": 1,
-                                  "model": model})
+                                  "model": model, **small,
+                                  **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})})
     fed = InProcessFederation(cfg)
     gc.collect()
     setup = psutil.Process().memory_info().rss  # base model + every client's data, before training
@@ -59,26 +67,35 @@ def main() -> None:
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--train-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="embedded", help="'embedded', '24M' (step_vs_trl.py's larger config, "
-                        "to see that the base model is held once: its size does not enter the per-client slope), or "
-                        "a model folder")
+                        "to see that the base model is held once: its size does not enter the per-client slope), "
+                        "'smollm2', a GGUF file, or a model folder")
+    parser.add_argument("--clients", default="1,4,16,64", help="client counts (default: 1,4,16,64)")
+    parser.add_argument("--max-new-tokens", type=int, help="completion length (default: the run default)")
     args = parser.parse_args()
     if args.model == "24M" and not args.child:
         from step_vs_trl import large_model_path
 
         args.model = large_model_path(tempfile.mkdtemp(prefix="fgrpo-24m-"))
     if args.child:
-        print(json.dumps(measure(args.child, args.train_size, args.model)))
+        print(json.dumps(measure(args.child, args.train_size, args.model, args.max_new_tokens)))
         return
     train_size = 500 if args.quick else 2000
     rows = []
-    for k in (1, 4, 16, 64):
+    for k in (int(x) for x in args.clients.split(",")):
         out = subprocess.run([sys.executable, __file__, "--child", str(k), "--train-size", str(train_size),
-                              "--model", args.model],
+                              "--model", args.model, *(["--max-new-tokens", str(args.max_new_tokens)]
+                                                       if args.max_new_tokens else [])],
                              capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         r = rows[-1]
         print(f"{k:3d} clients: RSS after setup {r['setup_rss'] / 2**20:8.1f} MiB, peak RSS "
               f"{r['peak_rss'] / 2**20:8.1f} MiB", flush=True)
+    if len(rows) < 3:  # too few sizes for a slope: the ratio of the largest to the smallest
+        ratio = rows[-1]["peak_rss"] / rows[0]["peak_rss"]
+        print(f"{rows[-1]['clients']} clients / {rows[0]['clients']} client(s): peak RSS ratio {ratio:.3f}")
+        print(json.dumps({"benchmark": "memory", "quick": args.quick, "model": args.model, "rows": rows,
+                          "max_new_tokens": args.max_new_tokens, "peak_rss_ratio": ratio}))
+        return
     slope = fitted_slope(rows[1:])
     per_client_budget = rows[0]["adapter_bytes"] + rows[0]["client_data_bytes"]
     result = {

@@ -8,6 +8,8 @@ the repetitions after one warm-up. Last line: one JSON object.
 
     python benchmarks/rollouts.py --quick     # 5 repetitions
     python benchmarks/rollouts.py             # 15 repetitions
+    python benchmarks/rollouts.py --quick --model smollm2 --max-new-tokens 64 --prompts 4
+        # the real SmolLM2-135M-Instruct on chat prompts of 1-digit arithmetic, 4 per task x 8
 """
 
 from __future__ import annotations
@@ -22,21 +24,32 @@ from transformers import GenerationConfig
 
 from fgrpo import tasks
 from fgrpo.config import RunConfig
-from fgrpo.grpo import generate
-from fgrpo.model import add_lora, load_base
+from fgrpo.grpo import generate, prompt_texts
+from fgrpo.model import add_lora, load_base, resolve_prompt_style
 from fgrpo.runner import quiet_libraries
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default="embedded", help="'embedded' (default), 'smollm2', a folder, a GGUF file")
+    parser.add_argument("--tasks", help="tasks of the prompts (default: the run default; 1-digit arithmetic for a "
+                        "chat model)")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per task (default: 16)")
     args = parser.parse_args()
     quiet_libraries()
-    cfg = RunConfig()
+    arithmetic = ("basic_arithmetic:max_terms=2,min_digits=1,max_digits=1,allow_negation=False,"
+                  "allow_parentheses=False,chain_sum:max_terms=2,max_digits=1")
+    cfg = RunConfig(model=args.model, **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}),
+                    tasks=args.tasks or (arithmetic if args.model != "embedded" else RunConfig().tasks))
     base, tokenizer = load_base(cfg.model, torch.device("cpu"), cfg.warm_start_steps, cfg.cache_dir)
     model = add_lora(base, cfg.lora_r, cfg.lora_alpha, 0.0, seed=0)
     model.eval()
-    prompts = [e.prompt for t in tasks.DEFAULT_TASKS for e in tasks.train_split(t, 16, seed=0)]
+    examples = [e for t in cfg.task_list for e in tasks.train_split(t, args.prompts, seed=0)]
+    if resolve_prompt_style(cfg.prompt_style, cfg.model, tokenizer) == "chat":
+        examples = [tasks.as_chat(e, cfg.system_prompt) for e in examples]
+    prompts = prompt_texts(tokenizer, examples)
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     ids = enc["input_ids"].repeat_interleave(cfg.group_size, 0)
     mask = enc["attention_mask"].repeat_interleave(cfg.group_size, 0)
@@ -66,7 +79,8 @@ def main() -> None:
                 speeds[name].append(tokens / (time.perf_counter() - start))
     ours_tps, raw_tps = statistics.median(speeds["ours"]), statistics.median(speeds["raw"])
     print(f"ours {ours_tps:.0f} tokens/s, raw generate {raw_tps:.0f} tokens/s, ratio {ours_tps / raw_tps:.3f}")
-    print(json.dumps({"benchmark": "rollouts", "quick": args.quick, "repetitions": reps, "sequences": len(ids),
+    print(json.dumps({"benchmark": "rollouts", "model": cfg.model, "quick": args.quick, "repetitions": reps,
+                      "sequences": len(ids),
                       "max_new_tokens": cfg.max_new_tokens, "ours_tokens_per_s": ours_tps,
                       "raw_tokens_per_s": raw_tps, "ratio": ours_tps / raw_tps}))
 

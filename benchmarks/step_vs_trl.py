@@ -14,10 +14,14 @@ first ``--warmup`` pairs are dropped; the median of the rest is reported.
 
 Models: the embedded default (0.87 M parameters) and a 24 M-parameter Llama built from a config
 (hidden 512, 7 layers, random weights: it always writes the full completion length, which is
-the same work for both sides).
+the same work for both sides); or, with ``--model``, any model fgrpo loads, such as the real
+SmolLM2-135M-Instruct (``smollm2``), on chat prompts of ``--tasks`` (TRL gets the same messages as a
+conversational dataset and applies the same chat template), at each of ``--max-new-tokens``.
 
     python benchmarks/step_vs_trl.py --quick     # 5 timed pairs per model after 1 warm-up
     python benchmarks/step_vs_trl.py             # 15 timed pairs per model after 2 warm-up
+    python benchmarks/step_vs_trl.py --quick --model smollm2 --max-new-tokens 64,256 \
+        --prompts-per-step 4 --group-size 4     # the real model, B x G = 16 completions per step
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 from fgrpo import tasks
 from fgrpo.config import RunConfig
 from fgrpo.grpo import GRPOSettings, local_grpo
-from fgrpo.model import add_lora, char_tokenizer, embedded_model_path, load_base
+from fgrpo.model import add_lora, char_tokenizer, embedded_model_path, load_base, model_folder, resolve_prompt_style
 from fgrpo.runner import quiet_libraries
 
 LARGE_CONFIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=7, num_attention_heads=8,
@@ -58,14 +62,19 @@ def compare(path: str, cfg: RunConfig, steps: int, warmup: int) -> dict:
     """Median seconds per step of ours and of TRL's, interleaved; returns one result row."""
     import trl
 
-    examples = [e for t in tasks.DEFAULT_TASKS for e in tasks.train_split(t, 64, seed=0)]
+    # ours: the same code path a client runs (fgrpo.grpo.local_grpo), one step per call
+    base, tokenizer = load_base(path, torch.device("cpu"), cfg.warm_start_steps, cfg.cache_dir)
+    chat = resolve_prompt_style(cfg.prompt_style, path, tokenizer) == "chat"
+    examples = [e for t in cfg.task_list for e in tasks.train_split(t, 64, seed=0)]
+    examples = [tasks.as_chat(e, cfg.system_prompt) for e in examples] if chat else examples
     by_prompt = {e.prompt: e for e in examples}
 
-    def trl_reward(prompts, completions, **_):
-        return [tasks.correctness(by_prompt[p], c) for p, c in zip(prompts, completions)]
+    def text(message) -> str:  # TRL passes conversational prompts and completions as message lists
+        return message[-1]["content"] if isinstance(message, list) else message
 
-    # ours: the same code path a client runs (fgrpo.grpo.local_grpo), one step per call
-    base, tokenizer = load_base(path, torch.device("cpu"))
+    def trl_reward(prompts, completions, **_):
+        return [tasks.correctness(by_prompt[text(p)], text(c)) for p, c in zip(prompts, completions)]
+
     parameters = sum(p.numel() for p in base.parameters())
     model = add_lora(base, cfg.lora_r, cfg.lora_alpha, 0.0, seed=0)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -100,12 +109,14 @@ def compare(path: str, cfg: RunConfig, steps: int, warmup: int) -> dict:
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_steps=steps + warmup,
         gradient_checkpointing=False, use_cpu=True, bf16=False, report_to=[], logging_steps=10_000,
         save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    train = Dataset.from_dict({"prompt": [e.prompt for e in examples]})
+    train = Dataset.from_dict({"prompt": [[{"role": r, "content": c} for r, c in e.messages] if chat else e.prompt
+                                          for e in examples]})
     peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                              target_modules="all-linear", task_type="CAUSAL_LM")
-    trl_tokenizer = load_base(path, torch.device("cpu"))[1]
-    trainer = trl.GRPOTrainer(model=path, reward_funcs=trl_reward, args=args, train_dataset=train,
-                              processing_class=trl_tokenizer, peft_config=peft_config, callbacks=[Interleave()])
+    trl_tokenizer = load_base(path, torch.device("cpu"), cfg.warm_start_steps, cfg.cache_dir)[1]
+    trainer = trl.GRPOTrainer(model=model_folder(path, cfg.warm_start_steps, cfg.cache_dir), reward_funcs=trl_reward,
+                              args=args, train_dataset=train, processing_class=trl_tokenizer,
+                              peft_config=peft_config, callbacks=[Interleave()])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
@@ -117,22 +128,36 @@ def compare(path: str, cfg: RunConfig, steps: int, warmup: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", help="one model instead of embedded + 24M: 'smollm2', a folder, a GGUF file")
+    parser.add_argument("--tasks", default="basic_arithmetic:max_terms=2,min_digits=1,max_digits=1,"
+                        "allow_negation=False,allow_parentheses=False,chain_sum:max_terms=2,max_digits=1",
+                        help="tasks of --model's prompts (default: 1-digit arithmetic)")
+    parser.add_argument("--max-new-tokens", help="comma-separated completion lengths (default: the run default)")
+    parser.add_argument("--prompts-per-step", type=int)
+    parser.add_argument("--group-size", type=int)
     args = parser.parse_args()
     quiet_libraries()
-    cfg = RunConfig()
+    base = {k: v for k, v in {"prompts_per_step": args.prompts_per_step, "group_size": args.group_size}.items()
+            if v is not None}
+    cfg = RunConfig(**base)
     steps, warmup = (5, 1) if args.quick else (15, 2)
+    lengths = [int(x) for x in args.max_new_tokens.split(",")] if args.max_new_tokens else [cfg.max_new_tokens]
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        paths = {"embedded": str(embedded_model_path(cfg.warm_start_steps, cfg.cache_dir)),
-                 "24M": large_model_path(folder)}
+        paths = ({args.model: args.model} if args.model else
+                 {"embedded": str(embedded_model_path(cfg.warm_start_steps, cfg.cache_dir)),
+                  "24M": large_model_path(folder)})
         for name, path in paths.items():
-            row = compare(path, cfg, steps, warmup)
-            results[name] = row
-            print(f"{name}: {row['parameters'] / 1e6:.2f} M parameters, ours {row['ours_s']:.3f} s/step, "
-                  f"TRL {row['trl_s']:.3f} s/step, ratio {row['ratio']:.3f}")
+            for length in lengths:
+                run_cfg = RunConfig(**base, max_new_tokens=length, **({"tasks": args.tasks} if args.model else {}))
+                row = compare(path, run_cfg, steps, warmup)
+                key = name if len(lengths) == 1 else f"{name}@{length}"
+                results[key] = row
+                print(f"{key}: {row['parameters'] / 1e6:.2f} M parameters, {length} new tokens, ours "
+                      f"{row['ours_s']:.3f} s/step, TRL {row['trl_s']:.3f} s/step, ratio {row['ratio']:.3f}")
     print(json.dumps({"benchmark": "step_vs_trl", "quick": args.quick, "steps": steps, "warmup": warmup,
                       "prompts_per_step": cfg.prompts_per_step, "group_size": cfg.group_size,
-                      "max_new_tokens": cfg.max_new_tokens, "threads": torch.get_num_threads(),
+                      "max_new_tokens": lengths, "threads": torch.get_num_threads(),
                       **{f"{k}_{m}": v[k] for m, v in results.items() for k in ("ours_s", "trl_s", "ratio")}}))
 
 

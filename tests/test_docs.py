@@ -27,7 +27,7 @@ def test_every_emitted_metric_is_in_the_glossary(tmp_path):
     glossary = (DOCS / "algorithm.md").read_text().split("## 5. Metrics glossary", 1)[1]
     documented = set(re.findall(r"`([a-z_/<>]+)`", glossary))
     emitted = {key for line in (out / "metrics.jsonl").read_text().splitlines() for key in json.loads(line)}
-    emitted = {re.sub(r"^(content_)?accuracy/.*", r"\1accuracy/<task>", key) for key in emitted}
+    emitted = {re.sub(r"^(content_accuracy|accuracy|formatted)/.*", r"\1/<task>", key) for key in emitted}
     assert {"kl", "proximal_term", "epsilon", "dp_clipped"} <= emitted  # beta, proximal_mu and dp emit these too
     assert emitted <= documented, f"undocumented metrics: {sorted(emitted - documented)}"
 

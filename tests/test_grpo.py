@@ -5,7 +5,16 @@ import torch
 
 from fgrpo import tasks
 from fgrpo.config import RunConfig
-from fgrpo.grpo import GRPOSettings, generate, group_advantages, grpo_loss, local_grpo, per_token_logps, prompt_batches
+from fgrpo.grpo import (
+    GRPOSettings,
+    generate,
+    group_advantages,
+    grpo_loss,
+    kl_to_reference,
+    local_grpo,
+    per_token_logps,
+    prompt_batches,
+)
 from fgrpo.model import add_lora, build_tiny_model, char_tokenizer
 
 
@@ -171,6 +180,24 @@ def test_local_grpo_changes_only_the_adapter(tiny_lora):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
     assert {"loss", "reward_std", "frac_zero_std", "clip_ratio"} <= set(result.metrics)
+    assert result.metrics["kl_to_reference"] > 0  # beta = 0, yet the drift from the base model is measured
+
+
+def test_kl_to_reference_is_zero_for_the_base_model_and_matches_the_k3_formula():
+    tokenizer = char_tokenizer()
+    model = add_lora(build_tiny_model(tokenizer, seed=1), r=4, alpha=8, dropout=0.0, seed=0)
+    rollouts = generate(model, tokenizer, ["rev:abc=", "cnt a:aa="], 3, 6)
+    assert kl_to_reference(model, rollouts) == 0.0  # a fresh adapter (B = 0) is the base model
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    logps = per_token_logps(model, rollouts)
+    with model.disable_adapter():
+        ref = per_token_logps(model, rollouts)
+    mask = rollouts.completion_mask.bool()
+    expected = (torch.exp(ref - logps) - (ref - logps) - 1)[mask].mean()
+    assert kl_to_reference(model, rollouts) == pytest.approx(float(expected), rel=1e-5) and expected > 0
 
 
 def test_local_grpo_with_kl_and_mu(tiny_lora):

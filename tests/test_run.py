@@ -96,7 +96,11 @@ def test_help_lists_every_option_and_default(capsys):
     (["--strategy", "fedmagic"], "strategy = 'fedmagic' is not valid; choose one of: fgrpo, fedavg, uniform"),
     (["--scenario", "iid"], "scenario = 'iid' is not valid"),
     (["--model", "/no/such/folder"], "model = '/no/such/folder': no such folder"),
-    (["--tasks", "spell_backward,chess"], "tasks: 'chess' is not a known task; choose from: "),
+    (["--tasks", "spell_backward,letter_countin"], "tasks: 'letter_countin' is not a reasoning-gym dataset (did "
+                                                   "you mean letter_counting"),
+    (["--tasks", "basic_arithmetic:max_term=2"], "basic_arithmetic has no setting 'max_term'; valid: min_terms"),
+    (["--model", "/no/such/model.gguf"], "model = '/no/such/model.gguf': no such GGUF file"),
+    (["--prompt-style", "chat"], "prompt_style = 'chat' but model = 'embedded' has no chat template"),
     (["--fraction", "1.5"], "fraction = 1.5 is out of range; valid: 0 < fraction <= 1"),
     (["--uniform-mix", "-0.1"], "uniform_mix = -0.1 is out of range"),
     (["--tau", "0"], "tau = 0.0 is out of range; valid: > 0"),
@@ -147,7 +151,7 @@ def test_eval_reproduces_the_runs_final_accuracy(run_dir, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     from fgrpo.runner import evaluate_saved
 
-    accuracy = evaluate_saved(str(run_dir / "adapter"), None, None, None, None)
+    accuracy = evaluate_saved(str(run_dir / "adapter"), {})["accuracy"]
     assert accuracy == summary["per_task_accuracy"]
     assert main(["eval", "--adapter", str(run_dir / "adapter")]) == 0
     out = capsys.readouterr().out
@@ -256,3 +260,35 @@ def test_clients_keep_sample_completions_and_fgrpo_completions_shows_them(tmp_pa
                  + "\n")
     assert main(["run", "--resume", str(out), "--rounds", "3"]) == 0
     assert [json.loads(line)["round"] for line in kept.read_text().splitlines()] == [1, 1, 2, 2, 3, 3]
+
+
+def test_run_preset_supplies_the_run_table_and_options_win(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "tiny", "--rounds", "1", "--cache-dir", str(tmp_path / "cache"),
+                 "--out", str(out)]) == 0
+    resolved = build_config(out / "config.toml")
+    assert resolved.rounds == 1 and resolved.local_steps == 1 and resolved.group_size == 2  # option, preset
+    assert resolved.scenario == "scale-skew"  # the preset's first scenario
+
+
+def test_pass_at_k_near_zero_temperature_is_greedy_accuracy():
+    from fgrpo.evaluation import evaluate, pass_at_k
+    from fgrpo.model import load_base
+    from fgrpo.tasks import test_split
+    from tiny import MOVING
+
+    base, tokenizer = load_base("embedded", torch.device("cpu"), MOVING["warm_start_steps"], MOVING["cache_dir"])
+    test_sets = {t: test_split(t, 24) for t in DEFAULT_TASKS}
+    greedy = evaluate(base, tokenizer, test_sets, 8).exact
+    assert pass_at_k(base, tokenizer, test_sets, 2, 8, temperature=1e-4) == greedy
+    assert sum(pass_at_k(base, tokenizer, test_sets, 4, 8, temperature=1.0).values()) > 0
+
+
+def test_a_file_that_is_not_gguf_is_one_line_and_leaves_no_cache(tmp_path, capsys):
+    junk = tmp_path / "model.gguf"
+    junk.write_bytes(b"not a model at all")
+    assert main(["run", "--model", str(junk), "--cache-dir", str(tmp_path / "cache"), "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"model = '{junk}': not a GGUF file transformers can load" in err and len(err.splitlines()) == 1
+    assert not any((tmp_path / "cache").glob("gguf-*")) and not (tmp_path / "out").exists()

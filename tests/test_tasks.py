@@ -3,6 +3,7 @@
 import pytest
 
 from fgrpo import tasks
+from fgrpo.tasks import Example
 
 
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))
@@ -57,7 +58,17 @@ def test_difficulty_skew_gives_each_client_one_level_of_one_family():
     assert max(lengths["spell_backward@1"]) <= 4 < min(lengths["spell_backward@2"])
     assert max(lengths["spell_backward@2"]) <= 6 < min(lengths["spell_backward@3"])
     with pytest.raises(ValueError, match="no difficulty levels"):
-        tasks.build_scenario("difficulty-skew", 2, 10, seed=0, tasks=("word_sorting",))
+        tasks.build_scenario("difficulty-skew", 2, 10, seed=0, tasks=("gsm_symbolic",))
+
+
+def test_difficulty_skew_on_a_reasoning_gym_curriculum_keeps_the_overrides():
+    spec = "basic_arithmetic:operators=('+', '*')"
+    assert tasks.split_tasks(f"{spec},chain_sum") == [spec, "chain_sum"]
+    clients = tasks.build_scenario("difficulty-skew", 3, 20, seed=0, tasks=(spec,))
+    assert [c.task for c in clients] == [f"basic_arithmetic@{k}:operators=('+', '*')" for k in (1, 2, 3)]
+    terms = [max(e.prompt.count(" ") for e in c.train) for c in clients]  # more terms: more spaces
+    assert terms[0] < terms[2]
+    assert not any("/" in e.prompt for c in clients for e in c.train)  # the override holds at every level
 
 
 def dominant_share(clients):
@@ -114,3 +125,71 @@ def test_stalled_and_straggler_scenarios():
     assert [c.task for c in stalled] == ["spell_backward", "spell_backward@3", "number_sorting", "number_sorting@3"]
     stragglers = tasks.build_scenario("stragglers", 4, 10, seed=0, local_steps=8)
     assert [c.local_steps for c in stragglers] == [8, 4, 2, 8]
+
+
+def test_task_lists_and_specs_with_overrides():
+    assert tasks.split_tasks("basic_arithmetic:max_terms=2,min_digits=1, chain_sum,spell_backward@2") == [
+        "basic_arithmetic:max_terms=2,min_digits=1", "chain_sum", "spell_backward@2"]
+    assert tasks.parse_task("basic_arithmetic@2:max_terms=3,operators=('+', '-'),format_style=simple") == (
+        "basic_arithmetic", 2, {"max_terms": 3, "operators": ("+", "-"), "format_style": "simple"})
+    fam = tasks.family("chain_sum:max_terms=2,max_digits=1")
+    assert not fam.compact and fam.rg_config == {"max_terms": 2, "max_digits": 1}
+    assert tasks.family("spell_backward:max_word_len=4").compact  # a compact family keeps its compact form
+    example = tasks.test_split("chain_sum:max_terms=2,max_digits=1", 1)[0]
+    assert example.prompt.startswith("State the final answer") and example.prompt.count("+") + \
+        example.prompt.count("-") == 1
+    assert tasks.correctness(example, f"Thinking.\nAnswer: {example.answer}") == 1.0
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("basic_arithmetc", "not a reasoning-gym dataset (did you mean basic_arithmetic"),
+    ("basic_arithmetic:max_term=2", "basic_arithmetic has no setting 'max_term'; valid: min_terms, max_terms"),
+    ("basic_arithmetic:min_terms=5,max_terms=2", "reasoning-gym rejects the config"),
+    ("basic_arithmetic:max_terms", "override 'max_terms' is not key=value"),
+    ("gsm_symbolic@2", "gsm_symbolic has no difficulty levels"),
+    ("chain_sum@x", "difficulty level 'x' is not a number"),
+])
+def test_bad_task_specs_say_what_is_valid(spec, needle):
+    with pytest.raises(tasks.TaskError, match=None) as err:
+        tasks.family(spec)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_task_with_few_distinct_prompts_holds_out_half_of_them():
+    spec = "chain_sum:min_terms=2,max_terms=2,min_digits=1,max_digits=1"  # 10 x 10 x 2 = 200 prompts
+    held = tasks.test_split(spec)
+    assert 80 <= len(held) <= 100 and len({e.prompt for e in held}) == len(held)
+    train = tasks.train_split(spec, 200, seed=0)
+    assert not {e.prompt for e in train} & {e.prompt for e in held}
+    assert len(tasks.test_split("spell_backward")) == 200  # the built-in splits are unchanged
+
+
+@pytest.mark.parametrize("completion, answer", [
+    ("Let me think.\n<answer> 42 </answer>", "42"),
+    ("So x = \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("Natalia sold 48 clips.\n#### 72", "72"),
+    ("The answer is **7**.", "7"),
+    ("The final answer to the problem is -3.", "-3"),
+    ("Answer: ['1', '2', '3']", "['1', '2', '3']"),
+    ("First 3 + 4 = 7.\nThen 7 * 2 = 14", "14"),
+    ("It costs 1,250 dollars", "1250"),
+    ("paos", "paos"),
+    ("The word reversed:\nsoap.", "soap"),
+    ("", ""),
+])
+def test_extract_answer_rules(completion, answer):
+    assert tasks.extract_answer(completion) == answer
+
+
+def test_chat_examples_read_the_extracted_answer_and_forgive_the_format():
+    compact = tasks.test_split("number_sorting", 1)[0]
+    chat = tasks.as_chat(compact, "Be brief.")
+    assert chat.messages == (("system", "Be brief."), ("user", chat.prompt)) and chat.prompt != compact.prompt
+    assert chat.answer.startswith("[")  # reasoning-gym's answer form, not the compact one
+    assert tasks.correctness(chat, f"Sorted.\nAnswer: {chat.answer}") == 1.0
+    assert tasks.correctness(chat, chat.answer) < 1.0  # an unmarked list: its last number is read
+    assert tasks.content_correctness(chat, chat.answer) == 1.0  # the whole completion, format forgiven
+    assert tasks.format_reward(chat, "Answer: 3") == 1.0 and tasks.format_reward(chat, "3") == 0.0
+    assert tasks.format_reward(compact, compact.answer) == 1.0  # compact: the bare answer is the format
+    owner = Example("mine", "1+1=", "2", {"answer": "2"}, messages=(("system", "Mine."), ("user", "1+1=")))
+    assert tasks.as_chat(owner, "Default.").messages == owner.messages  # the owner's system message is kept

@@ -121,3 +121,31 @@ def test_weighted_reward_functions_combine_and_are_logged_each():
     assert reward(example, "xyz") == 0.0 + 0.5 * 1.0
     assert reward.take_components() == {"reward/verifier": 1 / 3, "reward/format": 2 / 3, "reward/broken": 0.0}
     assert reward.take_components() == {} and reward.failures == 0  # reset; only the verifier's failures count
+
+
+def test_conversational_rows_keep_their_messages(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "Reply in digits."},
+                          {"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
+            for a in range(5) for b in range(5)]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    owner = userdata.load_owner(path, "exact", "prompt", "answer", False, 5)
+    example = owner.train[0]
+    assert example.prompt.startswith("What is") and example.messages[0] == ("system", "Reply in digits.")
+    assert tasks.as_chat(example, "Default.").messages == example.messages  # its own system message stays
+    assert owner.reward(example, f"Adding.\nAnswer: {example.answer}") == 1.0  # exact reads the marked answer
+    assert owner.reward(example, f"{example.answer}.") == 0.0  # an unmarked answer must be exact
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"messages": [], "answer": "2"}', "field 'messages' must be a non-empty list"),
+    ('{"messages": [{"role": "robot", "content": "hi"}], "answer": "2"}', "'messages'[0] needs a role"),
+    ('{"messages": [{"role": "user", "content": ""}], "answer": "2"}', "'messages'[0] needs a non-empty string"),
+    ('{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}], "answer": "2"}',
+     "must end with a user message"),
+])
+def test_malformed_messages_name_the_line_and_the_problem(tmp_path, bad, message):
+    good = {"messages": [{"role": "user", "content": "1+1"}], "answer": "2"}
+    path = write_jsonl(tmp_path / "chat.jsonl", [good, bad])
+    with pytest.raises(userdata.DataError) as err:
+        userdata.load_rows(path)
+    assert f"{path}:2: " in str(err.value) and message in str(err.value)

@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run one federated GRPO experiment. Every option is also a "
                          "TOML key (snake_case) of --config; the command line wins.")
     run.add_argument("--config", metavar="FILE.toml", help="TOML file with config keys (default: none)")
+    run.add_argument("--preset", help="packaged preset name (smollm2, main, ...) or a preset .toml file: its [run] "
+                     "table (and its first scenario) are the defaults; --config and options win")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint "
                      "to its configured number of rounds (only --rounds may be given with it, to extend it)")
     _add_config_options(run)
@@ -48,12 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "base model alone. With --adapter RUN_DIR/adapter, the run's config.toml supplies "
                         "the defaults, so the run's final per-task accuracy is reproduced.")
     ev.add_argument("--adapter", help="adapter folder (PEFT save_pretrained); omit to evaluate the base model")
-    ev.add_argument("--model", help="base model: 'embedded', a folder or a hub name (default: the "
-                    "adapter's base model)")
-    ev.add_argument("--tasks", help="comma-separated task families (default: the run's, else the defaults)")
+    ev.add_argument("--model", help="base model: 'embedded', 'smollm2', a folder, a hub name or a GGUF file "
+                    "(default: the adapter's base model)")
+    ev.add_argument("--tasks", help="comma-separated tasks, any reasoning-gym dataset with overrides "
+                    "(default: the run's, else the defaults)")
     ev.add_argument("--eval-size", type=int,
                     help="held-out prompts per task, at most 200 (default: the run's, else 200)")
     ev.add_argument("--max-new-tokens", type=int, help="completion length (default: the run's, else 10)")
+    ev.add_argument("--prompt-style", choices=("auto", "compact", "chat"), help="default: the run's, else auto")
+    ev.add_argument("--system-prompt", help="system message of chat prompts (default: the run's, else fgrpo's)")
+    ev.add_argument("--pass-k", type=int, default=0, metavar="K",
+                    help="also report pass@K: K completions sampled per prompt (default: 0, off)")
+    ev.add_argument("--temperature", type=float, help="sampling temperature of pass@K (default: the run's, else 1)")
     ev.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
     ev.set_defaults(func=cmd_eval)
 
@@ -94,6 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         extra = sorted(set(overrides) - {"rounds"}) + (["config"] if args.config else [])
+        extra += ["preset"] if args.preset else []
         if extra:
             raise ConfigError(f"--resume continues a run as configured; only --rounds may change, not: "
                               f"{', '.join(extra)}")
@@ -102,6 +111,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"resume = {args.resume!r}: no config.toml there; give a run directory")
         cfg = build_config(saved, {**overrides, "out": args.resume})
         run_experiment(cfg, resume=True)
+        return 0
+    if args.preset:
+        from fgrpo.compare import preset_data
+        from fgrpo.config import load_toml
+
+        data = preset_data(args.preset)[0]
+        scenarios = data.get("compare", {}).get("scenarios", [])
+        overrides = {**({"scenario": scenarios[0]} if scenarios else {}), **data.get("run", {}),
+                     **(load_toml(args.config) if args.config else {}), **overrides}
+        run_experiment(build_config(overrides=overrides))
         return 0
     run_experiment(build_config(args.config, overrides))
     return 0
@@ -138,7 +157,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from fgrpo.runner import evaluate_saved
 
-    evaluate_saved(args.adapter, args.model, args.tasks, args.eval_size, args.max_new_tokens, args.device)
+    keys = ("model", "tasks", "eval_size", "max_new_tokens", "prompt_style", "system_prompt", "temperature", "device")
+    evaluate_saved(args.adapter, {key: getattr(args, key) for key in keys}, args.pass_k)
     return 0
 
 

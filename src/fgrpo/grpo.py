@@ -106,6 +106,22 @@ def merged_lora(model):
             m.get_base_layer().weight = weight
 
 
+def prompt_texts(tokenizer, examples: list[Example]) -> list[str]:
+    """What the model reads for each example: its chat messages rendered with the tokenizer's chat template
+    and the generation prompt, or its prompt text as it is. A template's leading BOS text is dropped when the
+    tokenizer adds BOS itself (no doubled BOS)."""
+    adds_bos = tokenizer.bos_token is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+    out = []
+    for e in examples:
+        if e.messages is None:
+            out.append(e.prompt)
+            continue
+        text = tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in e.messages],
+                                             tokenize=False, add_generation_prompt=True)
+        out.append(text.removeprefix(tokenizer.bos_token) if adds_bos else text)
+    return out
+
+
 def generate(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, merge: bool = True) -> Rollouts:
     """Sample ``num_per_prompt`` completions per prompt in one batched, KV-cached generate call
@@ -141,6 +157,19 @@ def generate(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_
 def per_token_logps(model, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
     """log pi(o_t | q, o_<t) for every completion token, [N, C] (old and reference log-probs: no entropy)."""
     return per_token_logps_and_entropy(model, rollouts, temperature, entropy=False)[0]
+
+
+@torch.no_grad()
+def kl_to_reference(model, rollouts: Rollouts, temperature: float = 1.0) -> float:
+    """Mean k3 estimate of KL(pi_theta || pi_ref) over the completion tokens of ``rollouts``, with pi_ref the
+    base model (adapter disabled): how far the client's policy has moved, whatever ``beta`` is (a diagnostic:
+    two forwards without gradient, once per round, in eval mode so no random numbers are drawn)."""
+    logps = per_token_logps(model, rollouts, temperature)
+    with model.disable_adapter():
+        ref = per_token_logps(model, rollouts, temperature)
+    log_ratio = ref - logps
+    mask = rollouts.completion_mask
+    return float(((torch.exp(log_ratio) - log_ratio - 1) * mask).sum() / mask.sum().clamp(min=1))
 
 
 def per_token_logps_and_entropy(model, rollouts: Rollouts, temperature: float = 1.0, entropy: bool = True,
@@ -326,7 +355,7 @@ def sample_step(model, tokenizer, batches: Iterator[list[Example]], reward_fn: R
     calls; the step trains on at most B groups with signal (on the first batch when none has any)."""
     def draw() -> tuple[list[Example], Rollouts, torch.Tensor]:
         examples = next(batches)
-        rollouts = generate(model, tokenizer, [e.prompt for e in examples], cfg.group_size,
+        rollouts = generate(model, tokenizer, prompt_texts(tokenizer, examples), cfg.group_size,
                             cfg.max_new_tokens, cfg.temperature, cfg.top_p)
         rows = [e for e in examples for _ in range(cfg.group_size)]  # N = B*G
         return examples, rollouts, torch.tensor([reward_fn(e, t) for e, t in zip(rows, rollouts.texts)])
@@ -410,6 +439,7 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
             sums[key] = sums.get(key, 0.0) + value
     model.eval()
     metrics = {key: value / cfg.local_steps for key, value in sums.items()}
+    metrics["kl_to_reference"] = kl_to_reference(model, rollouts, cfg.temperature)
     return LocalResult(num_prompts=cfg.local_steps * cfg.prompts_per_step,
                        reward_start=step_rewards[0], reward_end=step_rewards[-1],
                        reward_std=metrics["reward_std"], metrics=metrics, samples=samples)

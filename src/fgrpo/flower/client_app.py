@@ -78,4 +78,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         total = len(fed.test_sets[name])
         counts[f"correct/{name}"], counts[f"total/{name}"] = round(acc * total), total
         counts[f"content/{name}"] = round(accuracy.content[name] * total)
+        counts[f"formatted/{name}"] = round(accuracy.formatted[name] * total)
     return Message(content=RecordDict({"accuracy": MetricRecord(counts)}), reply_to=msg)

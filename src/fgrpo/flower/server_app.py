@@ -130,7 +130,7 @@ class FGRPOStrategy(Strategy):
         replies = list(replies)
         if not replies:
             return None
-        counts: dict[str, dict[str, int]] = {"correct": {}, "content": {}, "total": {}}
+        counts: dict[str, dict[str, int]] = {"correct": {}, "content": {}, "formatted": {}, "total": {}}
         for reply in replies:
             if reply.has_error():
                 log(WARNING, "round %s: a client's evaluation failed: %s", server_round, reply.error.reason)
@@ -142,7 +142,7 @@ class FGRPOStrategy(Strategy):
         if not totals:
             return None
         accuracy = Accuracy(*({name: counts[kind].get(name, 0) / n for name, n in totals.items()}
-                              for kind in ("correct", "content")))
+                              for kind in ("correct", "content", "formatted")))
         row = self.fed.eval_row(server_round, accuracy)
         self.record.write([row])
         log(INFO, "round %s: macro accuracy %.3f (evaluated by the clients)", server_round, row["macro_accuracy"])
