@@ -28,7 +28,7 @@ from fgrpo import aggregation, privacy, tasks
 from fgrpo.aggregation import Adapter, ClientBaseline, ClientStats, RoundWeights, update_norm
 from fgrpo.config import ConfigError, RunConfig
 from fgrpo.evaluation import Accuracy, evaluate
-from fgrpo.grpo import GRPOSettings, local_grpo, prompt_batches
+from fgrpo.grpo import GRPOSettings, kl_to_reference, local_grpo, prompt_batches
 from fgrpo.model import add_lora, autocast_context, load_base, resolve_device, resolve_prompt_style
 from fgrpo.seeds import derived_seed
 from fgrpo.strategies import STRATEGIES
@@ -154,6 +154,8 @@ class Federation:
             result = local_grpo(self.model, self.tokenizer, self.optimizer, batches, client.reward,
                                 settings, correctness_fn=tasks.correctness)
         seconds = time.perf_counter() - t0  # local training only: swapping counts as overhead
+        with self.autocast():  # a diagnostic of the round, not part of a GRPO step
+            result.metrics["kl_to_reference"] = kl_to_reference(self.model, result.last_rollouts, self.cfg.temperature)
         self.keep_samples(client.client_id, rnd, result.samples)
         failed, total = client.reward.take_failures()  # samples whose reward raised or was not finite
         result.metrics["reward_failures"] = failed / max(total, 1)

@@ -301,6 +301,7 @@ class LocalResult:
     reward_std: float  # mean within-group reward std over the local steps
     metrics: dict[str, float]
     samples: list[dict] = field(default_factory=list)  # a few prompts with their completions: the owner's data
+    last_rollouts: Rollouts | None = field(default=None, repr=False)  # the last step's (for diagnostics)
 
 
 def completion_samples(examples: list[Example], texts: list[str], rewards: torch.Tensor, advantages: torch.Tensor,
@@ -439,7 +440,6 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
             sums[key] = sums.get(key, 0.0) + value
     model.eval()
     metrics = {key: value / cfg.local_steps for key, value in sums.items()}
-    metrics["kl_to_reference"] = kl_to_reference(model, rollouts, cfg.temperature)
     return LocalResult(num_prompts=cfg.local_steps * cfg.prompts_per_step,
                        reward_start=step_rewards[0], reward_end=step_rewards[-1],
-                       reward_std=metrics["reward_std"], metrics=metrics, samples=samples)
+                       reward_std=metrics["reward_std"], metrics=metrics, samples=samples, last_rollouts=rollouts)
