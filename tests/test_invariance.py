@@ -17,7 +17,7 @@ ROUNDS = 3
 def owner_files(folder) -> tuple[str, str]:
     """Two owners holding compact prompts the warm-started test model sometimes answers."""
     paths = []
-    for task in ("letter_counting", "spell_backward"):
+    for task in ("spell_backward", "letter_counting"):
         rows = tasks.train_split(task, 40, seed=0, salt="invariance")
         path = folder / f"{task}-owner.jsonl"
         path.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in rows))

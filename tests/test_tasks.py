@@ -24,6 +24,18 @@ def test_gold_answer_scores_one_and_garbage_scores_below(task):
         assert tasks.correctness(ex, "zz") < 1.0
 
 
+@pytest.mark.parametrize("task", tasks.DEFAULT_TASKS)
+def test_common_mistakes_are_wrong_answers_in_the_gold_answers_form(task):
+    """The embedded model's public corpus mixes in each family's common wrong procedure: its answers
+    look like gold answers (their characters) and reasoning-gym's scorer counts them wrong where they differ."""
+    examples = tasks.test_split(task, 100)
+    mistakes = [tasks.TASKS[task].mistake(ex.entry) for ex in examples]
+    differ = [(ex, m) for ex, m in zip(examples, mistakes) if m != ex.answer]
+    assert len(differ) >= 30
+    assert all(tasks.correctness(ex, m) < 1.0 for ex, m in differ)
+    assert all(m and set(m) <= set(ex.answer + "0123456789,") for ex, m in zip(examples, mistakes))
+
+
 def test_reward_scales():
     ex = tasks.test_split("spell_backward", 1)[0]
     wrong = ex.answer[:-1] + ("a" if ex.answer[-1] != "a" else "b")

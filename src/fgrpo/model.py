@@ -45,10 +45,11 @@ CHARS = string.ascii_letters + string.digits + string.punctuation + " "
 EMBEDDED_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                        tie_word_embeddings=True, rms_norm_eps=1e-5)
-# period_fraction: share of warm-start answers written "answer." (a second public style); the
-# clients' verifiers accept only the bare answer, so RL must also find the format.
-WARM_START = dict(batch_size=64, lr=3e-3, examples_per_task=4000, seed=1234, period_fraction=0.5,
-                  version=2)
+# mistake_fraction: share of the public warm-start examples whose answer follows a common wrong procedure
+# (``TaskFamily.mistake``), as real pretraining text holds wrong solutions next to right ones; RL on the
+# clients' verifiers must learn which procedure is right (docs/embedded-default.md).
+WARM_START = dict(batch_size=64, lr=3e-3, examples_per_task=4000, seed=1234, mistake_fraction=0.5,
+                  version=3)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -184,7 +185,8 @@ def sft_batch(tokenizer: PreTrainedTokenizerBase, examples: list[tasks.Example])
 
 
 def warm_start(model, tokenizer, steps: int, progress=None) -> None:
-    """Short supervised warm start on generated examples of the default tasks (no test prompts)."""
+    """Short supervised warm start on generated examples of the default tasks (no test prompts), a
+    ``mistake_fraction`` of them answered by the family's common wrong procedure."""
     if steps == 0:
         return
     cfg = WARM_START
@@ -192,8 +194,9 @@ def warm_start(model, tokenizer, steps: int, progress=None) -> None:
     pool = [ex for task in tasks.DEFAULT_TASKS
             for ex in tasks.train_split(task, cfg["examples_per_task"], seed=cfg["seed"],
                                         salt="warm-start")]
-    styled = torch.rand(len(pool), generator=gen) < cfg["period_fraction"]
-    pool = [replace(ex, answer=ex.answer + ".") if s else ex for ex, s in zip(pool, styled.tolist())]
+    mistaken = torch.rand(len(pool), generator=gen) < cfg["mistake_fraction"]
+    pool = [replace(ex, answer=tasks.TASKS[ex.task].mistake(ex.entry)) if m else ex
+            for ex, m in zip(pool, mistaken.tolist())]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))

@@ -46,6 +46,8 @@ class TaskFamily:
     render_answer: Callable[[dict], str]  # reasoning-gym entry -> compact gold answer
     to_rg_answer: Callable[[str], str] = str.strip  # compact completion -> reasoning-gym answer
     compact: bool = True  # False: any reasoning-gym dataset (English question, answer extracted)
+    # entry -> the compact answer of a common wrong procedure (the embedded model's public corpus holds some)
+    mistake: Callable[[dict], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,14 @@ TASKS: dict[str, TaskFamily] = {
             {"min_word_len": 3, "max_word_len": 6},
             lambda e: f"rev:{e['metadata']['word']}=",
             lambda e: e["answer"],
+            mistake=lambda e: e["metadata"]["word"][0] + e["metadata"]["word"][:0:-1],  # first letter kept
         ),
         TaskFamily(
             "letter_counting",
             {"min_words": 2, "max_words": 4},
             lambda e: f"cnt {e['metadata']['target_letter']}:{' '.join(e['metadata']['span'])}=",
             lambda e: e["answer"],
+            mistake=lambda e: str(e["metadata"]["span"][0].lower().count(e["metadata"]["target_letter"])),  # 1st word
         ),
         TaskFamily(
             "number_sorting",
@@ -83,6 +87,8 @@ TASKS: dict[str, TaskFamily] = {
             + ",".join(str(int(float(x))) for x in e["metadata"]["original_numbers"]) + "=",
             lambda e: ",".join(str(int(float(x))) for x in e["metadata"]["sorted_numbers"]),
             lambda text: str([x.strip() for x in text.split(",")]),
+            mistake=lambda e: ",".join(sorted((str(int(float(x))) for x in e["metadata"]["original_numbers"]),
+                                              reverse=e["metadata"]["direction"] != "ascending")),  # as strings
         ),
         TaskFamily(
             "word_sorting",
