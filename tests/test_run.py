@@ -147,6 +147,19 @@ def test_fraction_samples_clients(tmp_path):
     assert [len(ids) for ids in per_round] == [2, 2]
 
 
+@pytest.mark.parametrize("strategy", ["centralized", "local-only"])
+def test_reference_strategies_run_on_every_clients_data(tmp_path, strategy):
+    """centralized: one pooled client trains on all clients' prompts (each scored by its owner's verifier);
+    local-only: each client keeps its own adapter."""
+    out = tmp_path / "out"
+    assert main(["run", *TINY, "--rounds", "1", "--strategy", strategy, "--cache-dir", str(tmp_path / "c"),
+                 "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    clients = [r["client_id"] for r in rows if r["kind"] == "client"]
+    assert clients == (["pooled"] if strategy == "centralized" else [f"client-{k}" for k in range(4)])
+    assert json.loads((out / "summary.json").read_text())["strategy"] == strategy
+
+
 def test_eval_reproduces_the_runs_final_accuracy(run_dir, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     from fgrpo.runner import evaluate_saved

@@ -667,7 +667,8 @@ class RoutedReward:
     def __init__(self, clients: list[ClientSpec]):
         self._owner = {id(e): c.reward for c in clients for e in c.train}
         self.name = "per-owner"
-        self.range = max(c.reward.range for c in clients)
+        # the clients' rewards are GuardedReward (declared_range) or bare verifiers (range)
+        self.range = max(getattr(c.reward, "declared_range", getattr(c.reward, "range", 1.0)) for c in clients)
 
     def __call__(self, example: Example, completion: str) -> float:
         return self._owner[id(example)](example, completion)
