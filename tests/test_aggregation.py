@@ -28,10 +28,10 @@ def fgrpo_settings(**overrides) -> aggregation.FGRPOSettings:
 
 
 STATS = [
-    ClientStats("a", 40, 0.2, 0.5, 0.3, 1.0),
-    ClientStats("b", 80, 3.0, 2.0, 2.5, 10.0),
-    ClientStats("c", 40, 0.6, 0.7, 0.2, 1.0),
-    ClientStats("d", 160, -0.8, -0.2, 0.6, 2.0),
+    ClientStats("a", 40, 0.2, 0.5, 0.3, 1.0, 0.45),
+    ClientStats("b", 80, 3.0, 2.0, 2.5, 10.0, 4.0),
+    ClientStats("c", 40, 0.6, 0.7, 0.2, 1.0, 0.3),
+    ClientStats("d", 160, -0.8, -0.2, 0.6, 2.0, 0.9),
 ]
 HISTORY = {
     "a": ClientBaseline(0.3, 0.25, 1.0, 3),
@@ -47,7 +47,8 @@ def transformed(stats, history, client, scale=1.0, shift=0.0):
         return x.client_id == client
 
     stats = [ClientStats(x.client_id, x.num_prompts, x.reward_start * scale + shift,
-                         x.reward_end * scale + shift, x.reward_std * scale, x.reward_range * scale)
+                         x.reward_end * scale + shift, x.reward_std * scale, x.reward_range * scale,
+                         x.reward_pooled_std * scale)
              if s(x) else x for x in stats]
     history = {k: (ClientBaseline(v.baseline * scale + shift, v.spread * scale, v.reward_range * scale,
                                   v.rounds) if k == client else v) for k, v in history.items()}
@@ -63,20 +64,21 @@ def test_weights_sum_to_one_and_are_floored(form, history):
     assert all(x >= 0.2 / len(STATS) - 1e-12 for x in w)
 
 
-@pytest.mark.parametrize("form", ["z", "ratio"])
+@pytest.mark.parametrize("form, spread", [("z", "group"), ("ratio", "group"), ("z", "pooled")])
 @pytest.mark.parametrize("scale", [1e-3, 0.5, 7.0, 1e4])
 @pytest.mark.parametrize("client", ["a", "b", "d"])
-def test_weights_invariant_to_reward_scale(form, scale, client):
-    settings = fgrpo_settings(gain_form=form, tau=0.7, size_exponent=0.5)
+def test_weights_invariant_to_reward_scale(form, spread, scale, client):
+    settings = fgrpo_settings(gain_form=form, gain_spread=spread, tau=0.7, size_exponent=0.5)
     for history in ({}, HISTORY):
         before = fgrpo(STATS, history, settings).weights
         after = fgrpo(*transformed(STATS, history, client, scale=scale), settings).weights
         assert after == pytest.approx(before, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("spread", ["group", "pooled"])
 @pytest.mark.parametrize("shift", [-5.0, 0.3, 100.0])
-def test_z_weights_invariant_to_reward_shift(shift):
-    settings = fgrpo_settings(gain_form="z")
+def test_z_weights_invariant_to_reward_shift(shift, spread):
+    settings = fgrpo_settings(gain_form="z", gain_spread=spread)
     for history in ({}, HISTORY):
         before = fgrpo(STATS, history, settings).weights
         after = fgrpo(*transformed(STATS, history, "b", shift=shift), settings).weights
@@ -111,7 +113,7 @@ def test_reward_weighted_by_hand():
     # r_end = 0.5, 2.0, 0.7, -0.2 -> clipped at 0 -> 0.5, 2.0, 0.7, 0
     w = reward_weighted(STATS, {}, fgrpo_settings()).weights
     assert w == pytest.approx([0.5 / 3.2, 2.0 / 3.2, 0.7 / 3.2, 0.0])
-    zero = [ClientStats(s.client_id, s.num_prompts, 0, -1.0, 0, 1) for s in STATS]
+    zero = [ClientStats(s.client_id, s.num_prompts, 0, -1.0, 0, 1, 0) for s in STATS]
     assert reward_weighted(zero, {}, fgrpo_settings()).weights == pytest.approx([0.25] * 4)
 
 
@@ -142,7 +144,7 @@ def test_absent_clients_keep_their_state():
 
 def test_gain_uses_floor_relative_to_reward_range():
     state = ClientBaseline(0.0, 0.0, 2.0)
-    stats = ClientStats("x", 8, 0.0, 0.1, 0.0, 2.0)
+    stats = ClientStats("x", 8, 0.0, 0.1, 0.0, 2.0, 0.0)
     assert relative_gain(stats, state, "z", 0.05) == pytest.approx(0.1 / (0.05 * 2.0))
     assert relative_gain(stats, state, "ratio", 0.05) == pytest.approx(0.1 / (0.05 * 2.0))
 
@@ -155,9 +157,28 @@ def test_gain_weights_formula_by_hand():
     assert w == pytest.approx(expected, rel=1e-12)
 
 
+def test_pooled_spread_keeps_batch_noise_from_looking_like_a_gain():
+    """A client whose groups have collapsed (within-group std ~0) but whose mean reward moves with the
+    batch of prompts: the group spread turns a +0.1 wobble into a z gain at the floor (0.1 / 0.05 = 2),
+    the pooled spread (std over all its rewards, 0.4) into 0.25."""
+    settled = ClientStats("settled", 8, 0.60, 0.70, 0.0, 1.0, 0.4)
+    learner = ClientStats("learner", 8, 0.40, 0.70, 0.3, 1.0, 0.45)
+    history = {"settled": ClientBaseline(0.6, 0.0, 1.0, 3), "learner": ClientBaseline(0.6, 0.3, 1.0, 3)}
+    group = fgrpo([settled, learner], history, fgrpo_settings(gain_spread="group"))
+    pooled = fgrpo([settled, learner], {**history, "settled": ClientBaseline(0.6, 0.4, 1.0, 3),
+                                        "learner": ClientBaseline(0.6, 0.45, 1.0, 3)},
+                   fgrpo_settings(gain_spread="pooled"))
+    assert group.gains == pytest.approx([0.1 / 0.05, 0.1 / 0.3])
+    assert pooled.gains == pytest.approx([0.1 / 0.4, 0.1 / 0.45])
+    assert group.weights[0] > 0.75 and abs(pooled.weights[0] - 0.5) < 0.02
+    # the EMA of the spread follows the chosen statistic
+    assert pooled.client_baselines["settled"].spread == pytest.approx(0.4)
+    assert group.client_baselines["learner"].spread == pytest.approx(0.3)
+
+
 def test_higher_gain_gets_higher_weight():
     history = {k: ClientBaseline(0.5, 0.1, 1.0) for k in "xy"}
-    stats = [ClientStats("x", 8, 0.5, 0.9, 0.1, 1.0), ClientStats("y", 8, 0.5, 0.4, 0.1, 1.0)]
+    stats = [ClientStats("x", 8, 0.5, 0.9, 0.1, 1.0, 0.2), ClientStats("y", 8, 0.5, 0.4, 0.1, 1.0, 0.2)]
     w = fgrpo(stats, history, fgrpo_settings()).weights
     assert w[0] > w[1]
 

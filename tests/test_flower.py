@@ -32,7 +32,7 @@ def test_flower_run_config_mirrors_every_fgrpo_option():
 
 
 def test_reply_round_trip_keeps_the_update():
-    update = ClientUpdate(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0), {"a": torch.ones(2, 3), "b": torch.ones(3)},
+    update = ClientUpdate(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0, 0.3), {"a": torch.ones(2, 3), "b": torch.ones(3)},
                           {"loss": 0.5}, 1.0, "spell_backward", "x1")
     back = wire.content_update(wire.update_content(update))
     assert back.stats == update.stats and back.metrics == {"loss": 0.5} and back.task == "spell_backward"
@@ -227,7 +227,7 @@ def test_dp_accounting_counts_the_supernodes_when_owners_bring_their_own_data(tm
     strategy = FGRPOStrategy(fed, RunRecorder(tmp_path / "run", fed))
     nodes = strategy.participants(1, NodesOnly([11, 12, 13, 14]))
     assert len(nodes) == 2
-    updates = [ClientUpdate(ClientStats(f"owner-{node}", 4, 0.2, 0.5, 0.3, 1.0),
+    updates = [ClientUpdate(ClientStats(f"owner-{node}", 4, 0.2, 0.5, 0.3, 1.0, 0.4),
                             {k: torch.full_like(v, 1e-3) for k, v in fed.global_adapter.items()}, {}, 1.0)
                for node in nodes]
     rows = fed.finish_round(1, updates)

@@ -44,7 +44,8 @@ def replay(rows: list[dict], owner: str = "", scale: float = 1.0, shift: float =
         for r in (r for r in rows if r["round"] == rnd):
             a, b = (scale, shift) if r["client_id"] == owner else (1.0, 0.0)
             stats.append(ClientStats(r["client_id"], r["num_prompts"], a * r["reward_start"] + b,
-                                     a * r["reward_end"] + b, a * r["reward_std"], a * r["reward_range"]))
+                                     a * r["reward_end"] + b, a * r["reward_std"], a * r["reward_range"],
+                                     a * r["reward_pooled_std"]))
         result = fgrpo(stats, baselines, settings)
         baselines = result.client_baselines
         weights += result.weights

@@ -20,7 +20,7 @@ OPTIONS = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY
 def test_half_precision_delta_crosses_the_wire_exactly_in_half_the_bytes(dtype):
     gen = torch.Generator().manual_seed(0)
     delta = {"a": torch.randn(256, 256, generator=gen), "b": torch.randn(256, generator=gen)}
-    full = ClientUpdate(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0), delta, {}, 1.0, "t", "x1")
+    full = ClientUpdate(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0, 0.3), delta, {}, 1.0, "t", "x1")
     half = ClientUpdate(full.stats, {k: v.to(dtype) for k, v in delta.items()}, {}, 1.0, "t", "x1")
     full_bytes = wire.update_content(full)["delta"].count_bytes()
     half_bytes = wire.update_content(half)["delta"].count_bytes()

@@ -50,7 +50,7 @@ def test_central_noise_is_calibrated_to_the_weight_bound_when_there_is_one():
 
 
 def test_statistics_are_clipped_to_the_reward_range_then_noised():
-    stats = ClientStats("c", 8, -30.0, 25.0, 4.0, 10.0)  # r_start below -range, r_end above the range
+    stats = ClientStats("c", 8, -30.0, 25.0, 4.0, 10.0, 5.0)  # r_start below -range, r_end above the range
     draws = [privacy.privatize_stats(stats, 0.5, seed) for seed in range(4000)]
     starts = torch.tensor([d.reward_start for d in draws])
     ends = torch.tensor([d.reward_end for d in draws])
@@ -58,8 +58,13 @@ def test_statistics_are_clipped_to_the_reward_range_then_noised():
     assert abs(starts.mean().item() + 10.0) < 1.0 and abs(ends.mean().item() - 10.0) < 1.0  # clipped first
     assert abs(starts.std().item() - expected_std) < 0.05 * expected_std
     assert all(d.reward_std >= 0 and d.num_prompts == 8 and d.reward_range == 10.0 for d in draws)
-    signed = [privacy.privatize_stats(ClientStats("s", 8, -0.6, 0.2, 0.5, 2.0), 0.01, seed) for seed in range(200)]
+    signed = [privacy.privatize_stats(ClientStats("s", 8, -0.6, 0.2, 0.5, 2.0, 0.7), 0.01, seed) for seed in range(200)]
     assert abs(statistics.fmean(d.reward_start for d in signed) + 0.6) < 0.02  # a -1/+1 verifier's mean survives
+    # only the spread the server uses is sent (noised); the other field carries the same value
+    pooled = [privacy.privatize_stats(ClientStats("p", 8, 0.1, 0.2, 0.1, 2.0, 1.5), 0.01, seed, gain_spread="pooled")
+              for seed in range(200)]
+    assert abs(statistics.fmean(d.reward_pooled_std for d in pooled) - 1.5) < 0.02
+    assert all(d.reward_std == d.reward_pooled_std for d in pooled)
 
 
 def accountant_epsilon(rounds, sigma, rate, delta, stats_sigma=0.0):

@@ -10,6 +10,14 @@ FGRPO weights each participant by its *relative performance gain* against its ow
     global step:          theta <- theta + eta * sum_k w_k * delta_k
     baseline update:      b_k <- m * b_k + (1 - m) * r_end_k,   s_k <- m * s_k + (1 - m) * std_k
 
+``std_k`` is the client's mean within-group reward std (``gain_spread = "group"``, the definition of
+DESIGN.md) or, in the named variant ``gain_spread = "pooled"``, the std of all its rewards in a step's
+rollouts, across prompts and completions. The within-group std measures how diverse the policy's
+samples for one prompt are, and GRPO drives it towards 0 as the policy turns deterministic; r_end
+still varies from round to round with the batch of prompts, so a client whose groups have collapsed
+gets z gains of several units from batch noise alone. The pooled std includes the variation across
+prompts and does not collapse that way (its z gain is an effect size).
+
 ``range_k`` is the client's reward range: the largest max - min of the rewards its verifier actually
 gave in one round's rollouts, so far (no verifier declares a scale). The floor thus scales with the
 client's rewards: multiplying them by c > 0 leaves both gain forms unchanged, and the z form is also
@@ -48,6 +56,7 @@ class ClientStats:
     reward_end: float  # r_end: mean reward of the last local step's rollouts
     reward_std: float  # mean within-group reward std
     reward_range: float  # max - min of the rewards its verifier gave in this round's rollouts
+    reward_pooled_std: float  # std of all rewards of a step's rollouts (prompts and completions), mean over steps
 
 
 @dataclass(frozen=True)
@@ -70,11 +79,13 @@ class FGRPOSettings:
     uniform_mix: float
     size_exponent: float
     gain_floor: float
+    gain_spread: str = "group"
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> FGRPOSettings:
         return cls(gain_form=cfg.gain_form, tau=cfg.tau, baseline_momentum=cfg.baseline_momentum,
-                   uniform_mix=cfg.uniform_mix, size_exponent=cfg.size_exponent, gain_floor=cfg.gain_floor)
+                   uniform_mix=cfg.uniform_mix, size_exponent=cfg.size_exponent, gain_floor=cfg.gain_floor,
+                   gain_spread=cfg.gain_spread)
 
 
 @dataclass
@@ -90,14 +101,23 @@ def data_shares(stats: list[ClientStats]) -> list[float]:
     return [s.num_prompts / total for s in stats]
 
 
+def reward_spread(s: ClientStats, gain_spread: str) -> float:
+    """std_k: the within-group reward std ("group") or the std of all the round's rewards ("pooled")."""
+    if gain_spread == "group":
+        return s.reward_std
+    if gain_spread == "pooled":
+        return s.reward_pooled_std
+    raise ValueError(f"unknown gain spread {gain_spread!r}")
+
+
 def init_baselines(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
-                   floor: float) -> dict[str, ClientBaseline]:
+                   floor: float, gain_spread: str = "group") -> dict[str, ClientBaseline]:
     """Add first-time participants: b_k = r_start_k, s_k = max(std_k, floor * range_k)."""
     out = dict(client_baselines)
     for s in stats:
         if s.client_id not in out:
-            out[s.client_id] = ClientBaseline(s.reward_start, max(s.reward_std, floor * s.reward_range),
-                                              s.reward_range)
+            out[s.client_id] = ClientBaseline(s.reward_start, max(reward_spread(s, gain_spread),
+                                                                  floor * s.reward_range), s.reward_range)
     return out
 
 
@@ -124,7 +144,7 @@ def gain_weights(gains: list[float], shares: list[float], tau: float, size_expon
 
 
 def update_baselines(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
-                     momentum: float) -> dict[str, ClientBaseline]:
+                     momentum: float, gain_spread: str = "group") -> dict[str, ClientBaseline]:
     """EMA of each participant's baseline and spread; absent clients are unchanged."""
     out = dict(client_baselines)
     for s in stats:
@@ -132,7 +152,7 @@ def update_baselines(stats: list[ClientStats], client_baselines: dict[str, Clien
         out[s.client_id] = replace(
             old,
             baseline=momentum * old.baseline + (1 - momentum) * s.reward_end,
-            spread=momentum * old.spread + (1 - momentum) * s.reward_std,
+            spread=momentum * old.spread + (1 - momentum) * reward_spread(s, gain_spread),
             reward_range=max(old.reward_range, s.reward_range),
             rounds=old.rounds + 1,
         )
@@ -142,12 +162,13 @@ def update_baselines(stats: list[ClientStats], client_baselines: dict[str, Clien
 def fgrpo(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
           settings: FGRPOSettings) -> RoundWeights:
     """FGRPO adaptive aggregation weights for one round."""
-    states = init_baselines(stats, client_baselines, settings.gain_floor)
+    states = init_baselines(stats, client_baselines, settings.gain_floor, settings.gain_spread)
     gains = [relative_gain(s, states[s.client_id], settings.gain_form, settings.gain_floor)
              for s in stats]
     weights = gain_weights(gains, data_shares(stats), settings.tau, settings.size_exponent,
                            settings.uniform_mix)
-    return RoundWeights(weights, gains, update_baselines(stats, states, settings.baseline_momentum))
+    return RoundWeights(weights, gains, update_baselines(stats, states, settings.baseline_momentum,
+                                                            settings.gain_spread))
 
 
 def fedavg(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],

@@ -25,6 +25,7 @@ LOCAL_OPTIMIZERS = ("adamw", "sgd")
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 GAIN_FORMS = ("z", "ratio")
+GAIN_SPREADS = ("group", "pooled")
 SCALE_REWARDS = ("group", "none")
 
 
@@ -137,6 +138,9 @@ class RunConfig:
                            "round's largest weight. 1: no bound.")
     gain_floor: float = _f(0.05, "Floor of the gain denominator, as a fraction of the client's "
                            "reward range.")
+    gain_spread: str = _f("group", "FGRPO's spread s_k in the z gain: 'group' = the mean within-group reward "
+                          "std (DESIGN.md), 'pooled' = the std of all of a step's rewards, across prompts "
+                          "(the named variant that does not collapse with the policy's diversity).")
     # --- system ---------------------------------------------------------------------------------
     device: str = _f("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'.")
     mixed_precision: str = _f("auto", "'auto': bfloat16 autocast for rollouts, the loss forward and evaluation on a "
@@ -197,7 +201,8 @@ class RunConfig:
         """Keys with a fixed set of valid values, and the task names."""
         choices = {
             "scenario": SCENARIOS, "strategy": STRATEGIES, "loss_type": LOSS_TYPES,
-            "gain_form": GAIN_FORMS, "scale_rewards": SCALE_REWARDS, "server_optimizer": SERVER_OPTIMIZERS,
+            "gain_form": GAIN_FORMS, "gain_spread": GAIN_SPREADS, "scale_rewards": SCALE_REWARDS,
+            "server_optimizer": SERVER_OPTIMIZERS,
             "lora_aggregation": ("fedit", "ffa"), "delta_dtype": ("float32", "bfloat16", "float16"),
             "dp": ("off", "server", "client", "local"), "local_optimizer": LOCAL_OPTIMIZERS,
             "mixed_precision": ("auto", "bf16", "no"), "prompt_style": ("auto", "compact", "chat"),

@@ -163,7 +163,7 @@ class Federation:
         local = get_peft_model_state_dict(self.model)
         delta = {k: (local[k] - start[k]).detach().clone() for k in start}
         stats = ClientStats(client.client_id, result.num_prompts, result.reward_start, result.reward_end,
-                            result.reward_std, client.reward.take_observed_range())
+                            result.reward_std, client.reward.take_observed_range(), result.reward_pooled_std)
         delta, stats = self.privatize(delta, stats, seed, result.metrics, client.reward.declared_range)
         wire = getattr(torch, self.cfg.delta_dtype)  # what the client sends (float32 by default)
         return ClientUpdate(stats, {k: v.to(wire) for k, v in delta.items()}, result.metrics, seconds,
@@ -190,7 +190,8 @@ class Federation:
                 delta = privacy.add_gaussian_noise(delta, self.cfg.dp_noise * self.cfg.dp_clip,
                                                    derived_seed(seed, "dp-local"))
         if self.cfg.dp_stats_noise > 0:
-            stats = privacy.privatize_stats(stats, self.cfg.dp_stats_noise, derived_seed(seed, "dp-stats"), bound)
+            stats = privacy.privatize_stats(stats, self.cfg.dp_stats_noise, derived_seed(seed, "dp-stats"), bound,
+                                            self.cfg.gain_spread)
         return delta, stats
 
     # --- server side --------------------------------------------------------------------------

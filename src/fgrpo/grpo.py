@@ -243,13 +243,16 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
     return loss, metrics
 
 
-def rollout_metrics(rollouts: Rollouts, group_std: torch.Tensor, entropy: torch.Tensor, eos_token_id: int,
-                    ) -> dict[str, float]:
-    """What a step's rollouts say (docs/algorithm.md, section 5): reward spread, groups without signal,
-    length, completions cut at max_new_tokens (no EOS; a cut answer usually scores 0), policy entropy."""
+def rollout_metrics(rollouts: Rollouts, rewards: torch.Tensor, group_size: int, entropy: torch.Tensor,
+                    eos_token_id: int) -> dict[str, float]:
+    """What a step's rollouts say (docs/algorithm.md, section 5): reward spread within groups and over
+    all rollouts, groups without signal, length, completions cut at max_new_tokens (no EOS; a cut
+    answer usually scores 0), policy entropy. ``rewards``: [B*G], the policy's plain sample."""
     mask = rollouts.completion_mask.to(entropy.dtype)  # [N, C]
+    group_std = rewards.view(-1, group_size).std(dim=1)  # [B]
     return {
         "reward_std": group_std.mean().item(),
+        "reward_pooled_std": rewards.std().item(),
         "frac_zero_std": (group_std == 0).float().mean().item(),
         "completion_length": rollouts.completion_mask.sum(1).float().mean().item(),
         "truncated_fraction": 1.0 - (rollouts.completion_ids == eos_token_id).any(1).float().mean().item(),
@@ -299,6 +302,7 @@ class LocalResult:
     reward_start: float  # mean reward of the first local step's rollouts (r_start)
     reward_end: float  # mean reward of the last local step's rollouts (r_end)
     reward_std: float  # mean within-group reward std over the local steps
+    reward_pooled_std: float  # std of all of a step's rewards (prompts and completions), mean over the steps
     metrics: dict[str, float]
     samples: list[dict] = field(default_factory=list)  # a few prompts with their completions: the owner's data
     last_rollouts: Rollouts | None = field(default=None, repr=False)  # the last step's (for diagnostics)
@@ -399,7 +403,6 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
         advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards == "group")
         advantages = advantages.to(rollouts.prompt_ids.device)
         first_rewards = step_rollouts.first_rewards  # [B*G]: the policy's plain sample, for the statistics
-        group_std = first_rewards.view(-1, cfg.group_size).std(dim=1)  # [B]
         if not step_rewards and cfg.completion_samples:  # the first step's first prompts
             examples = step_rollouts.examples[:cfg.completion_samples]
             plain = group_advantages(first_rewards, cfg.group_size, cfg.scale_rewards == "group")
@@ -429,7 +432,7 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
             optimizer.zero_grad(set_to_none=True)
         step_rewards.append(first_rewards.mean().item())
         step = {"loss": loss.item(), "grad_norm": float(grad_norm), **loss_metrics,
-                **rollout_metrics(rollouts, group_std, entropy, tokenizer.eos_token_id)}
+                **rollout_metrics(rollouts, first_rewards, cfg.group_size, entropy, tokenizer.eos_token_id)}
         if cfg.dynamic_sampling:
             step["generations_per_step"] = float(step_rollouts.generations)
         if correctness_fn is not None:
@@ -442,4 +445,6 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
     metrics = {key: value / cfg.local_steps for key, value in sums.items()}
     return LocalResult(num_prompts=cfg.local_steps * cfg.prompts_per_step,
                        reward_start=step_rewards[0], reward_end=step_rewards[-1],
-                       reward_std=metrics["reward_std"], metrics=metrics, samples=samples, last_rollouts=rollouts)
+                       reward_std=metrics["reward_std"],
+                       reward_pooled_std=metrics["reward_pooled_std"], metrics=metrics, samples=samples,
+                       last_rollouts=rollouts)

@@ -15,12 +15,13 @@ The sensitivity of the weighted sum to one client is w_k * C, with the round's w
 fixed (as Flower's DP FedAvg treats 1/m): they are computed from the statistics below, so they
 are private only when those are (``dp_stats_noise > 0``), and are otherwise revealed to the server.
 
-Statistics (r_start, r_end, reward_std): with ``dp_stats_noise = sigma_s > 0`` each client clips
-them to [-R, R] (R = its verifier's declared reward range, a bound that depends on no data, so a
--1/+1 verifier's negative means survive) and adds N(0, (sigma_s * 2 sqrt(3) R)^2) to each before
-sending (two clipped 3-vectors are at most 2 sqrt(3) R apart in L2); the reward range it reports is
-then R, not the range its rewards spanned. FGRPO's weights, baselines and every other server
-decision are then post-processing of noised values.
+Statistics (r_start, r_end and the reward spread the server's ``gain_spread`` uses): with
+``dp_stats_noise = sigma_s > 0`` each client clips them to [-R, R] (R = its verifier's declared
+reward range, a bound that depends on no data, so a -1/+1 verifier's negative means survive) and
+adds N(0, (sigma_s * 2 sqrt(3) R)^2) to each before sending (two clipped 3-vectors are at most 2
+sqrt(3) R apart in L2); the reward range it reports is then R, not the range its rewards spanned.
+FGRPO's weights, baselines and every other server decision are then post-processing of noised values
+(the other spread is not sent: both spread fields carry the noised one).
 
 Accounting: Opacus' RDP accountant, one Gaussian mechanism per round for the updates (noise
 multiplier sigma) and one for the statistics (sigma_s), each with client sampling rate q =
@@ -37,7 +38,7 @@ import warnings
 import torch
 from opacus.accountants import RDPAccountant
 
-from fgrpo.aggregation import Adapter, ClientStats, update_norm
+from fgrpo.aggregation import Adapter, ClientStats, reward_spread, update_norm
 
 
 def clip_update(delta: Adapter, clip: float) -> tuple[Adapter, bool]:
@@ -66,16 +67,17 @@ def central_noise_std(noise_multiplier: float, clip: float, weights: list[float]
 
 
 def privatize_stats(stats: ClientStats, noise_multiplier: float, seed: int, bound: float | None = None,
-                    ) -> ClientStats:
-    """Clip r_start, r_end, reward_std to [-R, R] (R = ``bound``, the verifier's declared reward range) and
-    add N(0, (sigma_s 2 sqrt(3) R)^2); the range sent is R itself (the observed one would depend on data).
-    Without ``bound``, R is the range in ``stats``."""
+                    gain_spread: str = "group") -> ClientStats:
+    """Clip r_start, r_end and the spread ``gain_spread`` selects to [-R, R] (R = ``bound``, the verifier's
+    declared reward range) and add N(0, (sigma_s 2 sqrt(3) R)^2); the range sent is R itself (the observed one
+    would depend on data). Without ``bound``, R is the range in ``stats``."""
     gen = torch.Generator().manual_seed(seed)
     scale = stats.reward_range if bound is None else bound
     std = noise_multiplier * 2 * math.sqrt(3) * scale
     noisy = [min(max(v, -scale), scale) + std * float(torch.randn((), generator=gen, dtype=torch.float64))
-             for v in (stats.reward_start, stats.reward_end, stats.reward_std)]
-    return ClientStats(stats.client_id, stats.num_prompts, noisy[0], noisy[1], max(noisy[2], 0.0), scale)
+             for v in (stats.reward_start, stats.reward_end, reward_spread(stats, gain_spread))]
+    spread = max(noisy[2], 0.0)
+    return ClientStats(stats.client_id, stats.num_prompts, noisy[0], noisy[1], spread, scale, spread)
 
 
 def epsilon(rounds: int, noise_multiplier: float, sample_rate: float, delta: float,

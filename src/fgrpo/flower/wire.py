@@ -20,7 +20,7 @@ from fgrpo.aggregation import Adapter, ClientStats
 from fgrpo.config import RunConfig, build_config, config_fields, toml_value
 from fgrpo.federation import ClientUpdate, Federation
 
-STAT_KEYS = ("num_prompts", "reward_start", "reward_end", "reward_std", "reward_range")
+STAT_KEYS = ("num_prompts", "reward_start", "reward_end", "reward_std", "reward_range", "reward_pooled_std")
 
 
 def run_config_keys() -> dict[str, object]:
@@ -60,8 +60,7 @@ def record_adapter(record: ArrayRecord, dtype: str = "") -> Adapter:
 
 def update_content(update: ClientUpdate) -> RecordDict:
     s = update.stats
-    metrics = {"num_prompts": s.num_prompts, "reward_start": s.reward_start, "reward_end": s.reward_end,
-               "reward_std": s.reward_std, "reward_range": s.reward_range, "train_seconds": update.seconds,
+    metrics = {**{k: getattr(s, k) for k in STAT_KEYS}, "train_seconds": update.seconds,
                **{f"train/{k}": v for k, v in update.metrics.items()}}
     dtype = str(next(iter(update.delta.values())).dtype).removeprefix("torch.") if update.delta else ""
     client = {"client_id": s.client_id, "task": update.task, "reward_scale": update.reward_scale,
