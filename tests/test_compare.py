@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from fgrpo.cli import main
-from fgrpo.compare import Plan, plan_runs, recipe, summarize_runs
+from fgrpo.compare import Plan, plan_runs, recipe, separation, summarize_runs
 from fgrpo.config import ConfigError
 
 
@@ -50,6 +50,11 @@ def test_table_shape_and_values_match_the_run_directories(compared):
     assert "### scale-skew" in md and md.count("\n| fgrpo |") == 1 and md.count("\n| fedavg |") == 1
     assert (out / "plots" / "accuracy-scale-skew.png").stat().st_size > 0
     assert (out / "plots" / "weights-scale-skew.png").stat().st_size > 0  # fgrpo's weights vary
+    assert "| fedavg | " in md and "| +0.0 ± 0.0 |" in md  # fedavg minus itself
+    weights = (out / "weights.md").read_text()
+    assert "## scale-skew" in weights and "**fgrpo**" in weights and "**fedavg**" in weights
+    fedavg_rows = weights.split("**fedavg**")[1].split("**")[0]
+    assert fedavg_rows.count("| 0.25 | 0.25 |") == 4  # four clients with equal data, two rounds
 
 
 def test_rerun_reuses_finished_runs_and_finishes_an_interrupted_one(compared, capsys):
@@ -85,3 +90,32 @@ def test_summary_statistics_by_hand(tmp_path):
     assert row["rounds_to_target_mean"] == pytest.approx((2 + 1) / 2) and row["seeds_reaching_target"] == 2
     spreads = [statistics.pstdev(c[-3:]) for c in curves.values()]
     assert row["last_rounds_spread_mean"] == pytest.approx(statistics.fmean(spreads))
+
+
+def test_paired_difference_and_separation_by_hand(tmp_path):
+    plan = Plan(["fgrpo", "fedavg", "reward-weighted"], ["task-skew"], [0, 1, 2], target=0.5, run={"rounds": 1})
+    runs = plan_runs(plan, tmp_path)
+    finals = {"fgrpo": [0.50, 0.60, 0.55], "fedavg": [0.52, 0.58, 0.57], "reward-weighted": [0.40, 0.41, 0.42]}
+    for name, cfg in runs:
+        run_dir = tmp_path / cfg.out
+        run_dir.mkdir(parents=True)
+        final = finals[name][cfg.seed]
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "kind": "eval", "macro_accuracy": final}) + "\n")
+        (run_dir / "summary.json").write_text(json.dumps({
+            "final_macro_accuracy": final + 0.1, "final_content_macro_accuracy": final,  # content is what counts
+            "final_worst_task_accuracy": 0.0, "wall_seconds": 1.0}))
+    rows = summarize_runs(plan, runs)
+    fgrpo = rows[0]
+    assert fgrpo["minus_fedavg_mean"] == pytest.approx(statistics.fmean([-0.02, 0.02, -0.02]))
+    assert fgrpo["minus_fedavg_std"] == pytest.approx(statistics.stdev([-0.02, 0.02, -0.02]))
+    sep = separation(rows, "task-skew")
+    assert sep["best"]["strategy"] == "fedavg" and sep["worst"]["strategy"] == "reward-weighted"
+    assert sep["gap"] == pytest.approx(statistics.fmean(finals["fedavg"]) - 0.41)
+    assert sep["threshold"] == pytest.approx(3 * statistics.stdev(finals["fedavg"])) and sep["separated"]
+    finals["reward-weighted"] = [0.45, 0.60, 0.50]  # within the seed spread: not separated
+    for name, cfg in runs:
+        if name == "reward-weighted":
+            summary = json.loads((tmp_path / cfg.out / "summary.json").read_text())
+            summary["final_content_macro_accuracy"] = finals[name][cfg.seed]
+            (tmp_path / cfg.out / "summary.json").write_text(json.dumps(summary))
+    assert not separation(summarize_runs(plan, runs), "task-skew")["separated"]

@@ -2,6 +2,7 @@
 
     OUT/runs/<scenario>/<strategy>/seed-<s>-<config hash>/   one ordinary run directory per run
     OUT/table.csv, OUT/table.md                                 one row per scenario x strategy
+    OUT/weights.md                                              weights and update norms per client and round
     OUT/plots/accuracy-<scenario>.png                           macro accuracy vs round, mean and seed band
     OUT/plots/weights-<scenario>.png                            aggregation weights per client per round
 
@@ -34,6 +35,8 @@ from fgrpo.config import ConfigError, RunConfig, build_config
 from fgrpo.rundir import read_metrics
 
 LAST_ROUNDS = 3  # "spread over the last rounds": std of macro accuracy over the last 3 evaluations
+REFERENCE = "fedavg"  # every strategy's final content accuracy minus this one's, paired by seed
+WEIGHTINGS = ("fgrpo", "fedavg", "uniform", "reward-weighted")  # compared by `separation`
 
 
 def recipe(name: str) -> dict[str, Any]:
@@ -150,6 +153,7 @@ def run_comparison(plan: Plan, out: Path, jobs: int = 1, console: Console | None
                     progress.advance(bar)
     rows = summarize_runs(plan, runs)
     write_tables(rows, out)
+    write_weights(plan, runs, out)
     for scenario in plan.scenarios:
         plot_scenario(plan, runs, scenario, out / "plots")
     console.print(f"table: {out / 'table.md'}")
@@ -180,13 +184,24 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _final_content(summary: dict) -> float:
+    """Final content macro accuracy (runs of older versions lack it: their macro accuracy)."""
+    value = summary.get("final_content_macro_accuracy")
+    return summary["final_macro_accuracy"] if value is None else value
+
+
+def paired_difference(finals: dict[int, float], reference: dict[int, float]) -> tuple[float, float]:
+    """Mean and std over the common seeds of finals[seed] - reference[seed] (nan without common seeds)."""
+    return _mean_std([finals[s] - reference[s] for s in sorted(finals.keys() & reference.keys())])
+
+
 def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
     """One row per scenario x strategy, over the seeds whose run finished."""
-    rows = []
+    rows, by_seed = [], {}
     for scenario in plan.scenarios:
         for strategy in plan.strategies:
             finals, worst, to_target, spreads, seconds, curve_means, spent = [], [], [], [], [], [], []
-            content_finals = []
+            content_finals, seed_finals = [], {}
             for name, cfg in runs:
                 summary_path = Path(cfg.out) / "summary.json"
                 if name != strategy or cfg.scenario != scenario or not summary_path.exists():
@@ -196,6 +211,7 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
                 finals.append(summary["final_macro_accuracy"])
                 if summary.get("final_content_macro_accuracy") is not None:  # runs of older versions lack it
                     content_finals.append(summary["final_content_macro_accuracy"])
+                seed_finals[cfg.seed] = _final_content(summary)
                 worst.append(summary["final_worst_task_accuracy"])
                 reached = [e["round"] for e in evals if e["macro_accuracy"] >= plan.target]
                 to_target.append(reached[0] if reached else None)
@@ -209,6 +225,7 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
             mean, std = _mean_std(finals)
             content_mean, content_std = _mean_std(content_finals)
             hit = [r for r in to_target if r is not None]
+            by_seed[scenario, strategy] = seed_finals
             rows.append({
                 "scenario": scenario, "strategy": strategy, "seeds": len(finals),
                 "final_macro_mean": mean, "final_macro_std": std,
@@ -221,7 +238,24 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
                 "wall_seconds_mean": _mean_std(seconds)[0],
                 "epsilon": max(spent) if spent else math.inf,
             })
+    for row in rows:  # content accuracy minus the reference's, paired by seed
+        reference = by_seed.get((row["scenario"], REFERENCE), {})
+        diff = paired_difference(by_seed[row["scenario"], row["strategy"]], reference)
+        row[f"minus_{REFERENCE}_mean"], row[f"minus_{REFERENCE}_std"] = diff
     return rows
+
+
+def separation(rows: list[dict], scenario: str) -> dict | None:
+    """Do the weightings (``WEIGHTINGS``) separate on ``scenario``? Best and worst final content accuracy,
+    their gap and 3 x the larger seed std of the two; separated when the gap is larger. None with < 2."""
+    rows = [r for r in rows if r["scenario"] == scenario and r["strategy"] in WEIGHTINGS and r["seeds"] > 1]
+    if len(rows) < 2:
+        return None
+    best = max(rows, key=lambda r: r["final_content_mean"])
+    worst = min(rows, key=lambda r: r["final_content_mean"])
+    gap = best["final_content_mean"] - worst["final_content_mean"]
+    threshold = 3 * max(best["final_content_std"], worst["final_content_std"])
+    return {"best": best, "worst": worst, "gap": gap, "threshold": threshold, "separated": gap > threshold}
 
 
 def write_tables(rows: list[dict], out: Path) -> None:
@@ -234,19 +268,69 @@ def write_tables(rows: list[dict], out: Path) -> None:
     private = any(math.isfinite(r["epsilon"]) for r in rows)  # an epsilon column when any run used DP
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         header = ("| strategy | final macro accuracy (mean ± std) | final content accuracy | worst task | "
-                  "mean over rounds 1..R | rounds to target (seeds reaching it) | spread, last rounds | seeds |")
+                  "mean over rounds 1..R | rounds to target (seeds reaching it) | spread, last rounds | seeds | "
+                  f"content minus {REFERENCE}, paired (points) |")
         lines += [f"### {scenario}", "", header + (" epsilon |" if private else ""),
-                  "|---|---|---|---|---|---|---|---|" + ("---|" if private else "")]
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|" if private else "")]
         for r in (r for r in rows if r["scenario"] == scenario):
             target = ("-" if math.isnan(r["rounds_to_target_mean"]) else f"{r['rounds_to_target_mean']:.1f}")
             epsilon = (f" {r['epsilon']:,.1f} |" if math.isfinite(r["epsilon"]) else " no DP |") if private else ""
+            diff = r[f"minus_{REFERENCE}_mean"]
+            diff = "-" if math.isnan(diff) else f"{100 * diff:+.1f} ± {100 * r[f'minus_{REFERENCE}_std']:.1f}"
             lines.append(f"| {r['strategy']} | {r['final_macro_mean']:.3f} ± {r['final_macro_std']:.3f} | "
                          f"{r['final_content_mean']:.3f} ± {r['final_content_std']:.3f} | "
                          f"{r['worst_task_mean']:.3f} | {r['mean_over_rounds']:.3f} | "
                          f"{target} ({r['seeds_reaching_target']}/{r['seeds']}) | "
-                         f"{r['last_rounds_spread_mean']:.3f} | {r['seeds']} |{epsilon}")
+                         f"{r['last_rounds_spread_mean']:.3f} | {r['seeds']} | {diff} |{epsilon}")
         lines.append("")
+        sep = separation(rows, scenario)
+        if sep is not None:
+            b, w = sep["best"], sep["worst"]
+            lines += [f"Weightings ({', '.join(WEIGHTINGS)}): best {b['strategy']} {b['final_content_mean']:.3f} ± "
+                      f"{b['final_content_std']:.3f}, worst {w['strategy']} {w['final_content_mean']:.3f} ± "
+                      f"{w['final_content_std']:.3f}; gap {sep['gap']:.3f} against 3 x the larger std = "
+                      f"{sep['threshold']:.3f}: " + ("**separated**" if sep["separated"] else "not separated"), ""]
     (out / "table.md").write_text("\n".join(lines))
+
+
+def write_weights(plan: Plan, runs: list[tuple[str, RunConfig]], out: Path) -> None:
+    """weights.md: per scenario and strategy, each client's aggregation weight per round and its mean
+    update norm and gain, averaged over the seeds (what explains a gap between strategies)."""
+    lines = ["# Aggregation weights and update norms per client (mean over seeds)", ""]
+    for scenario in plan.scenarios:
+        tables = []
+        for strategy in plan.strategies:
+            cells: dict[str, dict[int, list[float]]] = {}  # client label -> round -> weights over seeds
+            norms: dict[str, list[float]] = {}
+            gains: dict[str, list[float]] = {}
+            for name, cfg in runs:
+                path = Path(cfg.out) / "metrics.jsonl"
+                if name != strategy or cfg.scenario != scenario or not path.exists():
+                    continue
+                for r in read_metrics(path):
+                    if r["kind"] != "client" or r.get("weight") is None:
+                        continue
+                    label = f"{r['client_id']} ({r['task'][:18]}, {r['reward_scale']})"
+                    cells.setdefault(label, {}).setdefault(r["round"], []).append(r["weight"])
+                    norms.setdefault(label, []).append(r.get("update_norm", math.nan))
+                    if r.get("gain") is not None:
+                        gains.setdefault(label, []).append(r["gain"])
+            if not cells:
+                continue
+            rounds = sorted({rnd for by_round in cells.values() for rnd in by_round})
+            tables += [f"**{strategy}**", "",
+                       "| client | " + " | ".join(f"w round {rnd}" for rnd in rounds) + " | update norm | gain |",
+                       "|---|" + "---|" * (len(rounds) + 2)]
+            for label in sorted(cells):
+                weights = [f"{statistics.fmean(cells[label][rnd]):.2f}" if rnd in cells[label] else "-"
+                           for rnd in rounds]
+                gain = f"{statistics.fmean(gains[label]):+.2f}" if label in gains else "-"
+                tables.append(f"| {label} | " + " | ".join(weights) +
+                              f" | {statistics.fmean(norms[label]):.2f} | {gain} |")
+            tables.append("")
+        if tables:
+            lines += [f"## {scenario}", ""] + tables
+    (out / "weights.md").write_text("\n".join(lines))
 
 
 def plot_scenario(plan: Plan, runs: list[tuple[str, RunConfig]], scenario: str, plots: Path) -> None:
