@@ -53,8 +53,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              None, clients="own"),
 ]}
 
-FEDPROX_MU = 1.0  # FedProx weight of the `fedprox` recipes: its gradient mu * (theta - theta_t) is then of
-# the order of the clipped GRPO gradient per coordinate at the end of a round on the embedded default
+FEDPROX_MU = 0.01  # FedProx weight of the `fedprox` recipes, tuned over {0.01, 0.1, 1} on scale-skew and
+# difficulty-skew of the main preset, 3 seeds (RESULTS.md): 0.01 was best on both (1 cost 2-5 points)
 SERVER_ADAPTIVE_LR = 0.003  # server step of the `fedadam` / `fedyogi` recipes: about the RMS of one
 # client delta coordinate on the embedded default (||delta|| ~ 1.0 over 164k LoRA values), so the first
 # adaptive step is as large as an sgd step
