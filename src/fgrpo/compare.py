@@ -201,7 +201,7 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
     for scenario in plan.scenarios:
         for strategy in plan.strategies:
             finals, worst, to_target, spreads, seconds, curve_means, spent = [], [], [], [], [], [], []
-            content_finals, seed_finals = [], {}
+            seed_finals: dict[int, float] = {}  # seed -> final content accuracy
             for name, cfg in runs:
                 summary_path = Path(cfg.out) / "summary.json"
                 if name != strategy or cfg.scenario != scenario or not summary_path.exists():
@@ -209,8 +209,6 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
                 summary = json.loads(summary_path.read_text())
                 evals = _evals(cfg.out)
                 finals.append(summary["final_macro_accuracy"])
-                if summary.get("final_content_macro_accuracy") is not None:  # runs of older versions lack it
-                    content_finals.append(summary["final_content_macro_accuracy"])
                 seed_finals[cfg.seed] = _final_content(summary)
                 worst.append(summary["final_worst_task_accuracy"])
                 reached = [e["round"] for e in evals if e["macro_accuracy"] >= plan.target]
@@ -223,7 +221,7 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
                 if "epsilon" in summary:  # differential privacy: (epsilon, dp_delta) spent by the run
                     spent.append(summary["epsilon"])
             mean, std = _mean_std(finals)
-            content_mean, content_std = _mean_std(content_finals)
+            content_mean, content_std = _mean_std(list(seed_finals.values()))
             hit = [r for r in to_target if r is not None]
             by_seed[scenario, strategy] = seed_finals
             rows.append({
