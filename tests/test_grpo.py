@@ -7,10 +7,12 @@ from fgrpo import tasks
 from fgrpo.config import RunConfig
 from fgrpo.grpo import (
     GRPOSettings,
+    Rollouts,
     generate,
     group_advantages,
     grpo_loss,
     kl_to_reference,
+    length_chunks,
     local_grpo,
     per_token_logps,
     prompt_batches,
@@ -128,6 +130,82 @@ def test_shared_prompt_forward_equals_full_forward_values_and_gradients(tiny_lor
     assert abs(shared_loss - full_loss) < 1e-6
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(shared_grads, full_grads))
     assert any(g.abs().sum() > 0 for g in shared_grads)
+
+
+def test_length_chunks_by_hand():
+    lengths = torch.tensor([256, 19, 43, 5, 108, 32, 33, 64, 65])
+    chunks = [(rows.tolist(), width) for rows, width in length_chunks(lengths)]
+    # classes: <= 32 | 33..64 | 65..128 | 129..256; widths: each class's longest
+    assert chunks == [([0], 256), ([4, 8], 108), ([2, 6, 7], 64), ([1, 3, 5], 32)]
+    assert [(r.tolist(), w) for r, w in length_chunks(torch.tensor([10, 3, 7]))] == [([0, 1, 2], 10)]
+
+
+def test_chunked_forward_equals_full_forward_values_and_gradients(tiny_lora):
+    """Completions of very different lengths run in length chunks (each cut at its longest row, on its
+    rows' prompt caches): the log-probs, loss and LoRA gradients of one forward over every full sequence."""
+    model, tokenizer = tiny_lora
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(4))
+    enc = tokenizer(["rev:abcdef=", "x"], return_tensors="pt", padding=True)
+    lengths = [40, 3, 20, 10, 36, 1]  # two prompts x G = 3; chunks {40, 36} and {3, 20, 10, 1}
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, len(tokenizer), (6, 40), generator=gen)
+    mask = (torch.arange(40)[None, :] < torch.tensor(lengths)[:, None]).long()
+    for row, n in enumerate(lengths):
+        ids[row, n - 1] = tokenizer.eos_token_id
+        ids[row, n:] = tokenizer.pad_token_id
+    r = Rollouts(enc["input_ids"].repeat_interleave(3, 0), enc["attention_mask"].repeat_interleave(3, 0),
+                 ids, mask, [""] * 6, group_size=3)
+    assert len(length_chunks(mask.sum(1))) == 2
+    params = [p for p in model.parameters() if p.requires_grad]
+    advantages = torch.randn(6, generator=gen)
+    results = []
+    for logps_fn in (per_token_logps, full_sequence_logps):
+        model.train()
+        logps = logps_fn(model, r)
+        loss, _ = grpo_loss(logps, None, None, advantages, mask)
+        loss.backward()
+        results.append((logps.detach(), loss.item(), [p.grad.clone() for p in params]))
+        model.zero_grad(set_to_none=True)
+    (chunked, chunked_loss, chunked_grads), (full, full_loss, full_grads) = results
+    assert chunked.shape == full.shape == (6, 40)
+    assert torch.allclose(chunked[mask.bool()], full[mask.bool()], atol=1e-5)
+    assert abs(chunked_loss - full_loss) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(chunked_grads, full_grads))
+    assert any(g.abs().sum() > 0 for g in chunked_grads)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_decode_draws_what_generate_draws_with_fewer_rows(temperature, top_p):
+    """Rows leave the batch at their EOS, yet a seed gives the tokens of transformers' ``generate`` and
+    leaves the random generator where ``generate`` leaves it."""
+    tokenizer = char_tokenizer()
+    model = build_tiny_model(tokenizer, seed=2)  # random weights: EOS about 1 in 100 tokens
+    prompts = ["rev:abcdef=", "12+3=", "x"]
+    rows_run = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: rows_run.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    torch.manual_seed(0)
+    ours = generate(model, tokenizer, prompts, num_per_prompt=4, max_new_tokens=30, temperature=temperature,
+                    top_p=top_p)
+    after_ours = torch.rand(3)
+    hook.remove()
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        full = model.generate(input_ids=enc["input_ids"].repeat_interleave(4, 0),
+                              attention_mask=enc["attention_mask"].repeat_interleave(4, 0), do_sample=True,
+                              top_k=0, temperature=temperature, top_p=top_p, max_new_tokens=30,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    after_theirs = torch.rand(3)
+    n = ours.completion_ids.shape[1]
+    assert torch.equal(ours.completion_ids, full[:, enc["input_ids"].shape[1]:])
+    assert full.shape[1] == enc["input_ids"].shape[1] + n
+    assert torch.equal(after_ours, after_theirs)
+    lengths = ours.completion_mask.sum(1)
+    assert lengths.min() < lengths.max()  # rows finished at different steps ...
+    assert sum(rows_run[1:]) < 12 * (n - 1)  # ... and left the batch: fewer rows ran than generate runs
 
 
 def test_shared_prefill_generates_the_same_tokens(tiny_lora):

@@ -2,8 +2,9 @@
 
     rollout -> rewards -> group_advantages -> grpo_loss -> AdamW step on the LoRA parameters
 
-For a batch of B prompts, G completions each are sampled from the current policy (pi_old) in one
-``generate`` call with the KV cache. Each completion gets the client's own reward r_i, and
+For a batch of B prompts, G completions each are sampled from the current policy (pi_old) by
+``decode``: batched, KV-cached sampling, token for token what transformers' ``generate`` draws, but
+each row leaves the batch at its EOS. Each completion gets the client's own reward r_i, and
 
     A_i = (r_i - mean_g r) / (std_g r + 1e-4)        (scale_rewards = "group"; "none": no division)
 
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from transformers import GenerationConfig
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from fgrpo.tasks import Example, RewardFn
 
@@ -71,18 +72,28 @@ class Rollouts:
     group_size: int = 1  # G: rows i*G .. i*G+G-1 share one prompt
 
 
-def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, position_ids: torch.Tensor,
-                        group_size: int, logits_to_keep: int = 0):
-    """Run each distinct prompt once and repeat its KV cache for its G completions.
+def prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, position_ids: torch.Tensor,
+                   group_size: int, logits_to_keep: int = 0):
+    """Run each distinct prompt once: ``prompt_ids`` etc. are [N, L] with groups of G identical rows; the
+    forward runs on rows 0, G, 2G, ... ([B, L]), so prompt tokens cost B instead of B*G token positions.
+    Returns the model output (B rows, with its KV cache); ``prompt_rows`` / ``rows_cache`` spread it."""
+    return model(input_ids=prompt_ids[::group_size], attention_mask=prompt_mask[::group_size],
+                 position_ids=position_ids[::group_size], use_cache=True, logits_to_keep=logits_to_keep)
 
-    ``prompt_ids`` etc. are [N, L] with groups of G identical rows; the forward runs on rows
-    0, G, 2G, ... ([B, L]), so prompt tokens cost B instead of B*G token positions. The cache is
-    repeated with ``repeat_interleave`` (differentiable: gradients reach the prompt positions as
-    in a full forward). Returns (model output, cache of N rows)."""
-    out = model(input_ids=prompt_ids[::group_size], attention_mask=prompt_mask[::group_size],
-                position_ids=position_ids[::group_size], use_cache=True, logits_to_keep=logits_to_keep)
-    out.cache.batch_repeat_interleave(group_size)
-    return out, out.cache
+
+def prompt_rows(t: torch.Tensor, rows: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The rows of a per-prompt tensor [B, ...] that completion rows ``rows`` read (row i reads prompt
+    i // G); differentiable, so gradients reach the prompt positions as in a full forward. All N rows
+    in order use ``repeat_interleave``, the op of a plain batched forward (same values to the bit)."""
+    if rows.numel() == t.shape[0] * group_size and bool((rows == torch.arange(rows.numel(), device=rows.device)).all()):
+        return t.repeat_interleave(group_size, dim=0)
+    return t.index_select(0, rows // group_size)
+
+
+def rows_cache(model, prompt_cache, rows: torch.Tensor, group_size: int) -> DynamicCache:
+    """A new KV cache of the prompts that completion rows ``rows`` read (``prompt_rows`` of each layer)."""
+    return DynamicCache([(prompt_rows(layer.keys, rows, group_size), prompt_rows(layer.values, rows, group_size))
+                         for layer in prompt_cache.layers], config=model.config)
 
 
 @contextmanager
@@ -122,28 +133,72 @@ def prompt_texts(tokenizer, examples: list[Example]) -> list[str]:
     return out
 
 
+def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
+           pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+           group_size: int = 1) -> torch.Tensor:
+    """Token-by-token sampling with the KV cache, [N, P] left-padded prompts -> [N, C] completions
+    (right-padded with ``pad_token_id`` after each row's EOS; C <= ``max_new_tokens``).
+
+    What ``model.generate`` does for multinomial sampling (or greedy), with two savings:
+    - rows of a group share one prefill of the prompt's first P-1 tokens (``prompt_forward``);
+    - a row that has written EOS leaves the batch and the KV cache (``batch_select_indices``), so
+      each step runs only the unfinished rows instead of all N to the longest one.
+    Each step draws the random numbers ``torch.multinomial`` draws for the full [N, vocabulary]
+    probabilities (q ~ Exp(1), token = argmax p / q; rows that have left use none of theirs), so a
+    seed gives the same tokens as ``generate`` would, up to float rounding of the smaller batch."""
+    n, p = prompt_ids.shape
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = None
+    if group_size > 1 and p > 1:  # then only the last prompt token runs in the first step
+        prompt = prompt_forward(model, prompt_ids[:, :-1], prompt_mask[:, :-1], positions[:, :-1], group_size,
+                                logits_to_keep=1)
+        cache = rows_cache(model, prompt.cache, torch.arange(n, device=prompt_ids.device), group_size)
+        step_ids, step_positions = prompt_ids[:, -1:], positions[:, -1:]
+    else:
+        step_ids, step_positions = prompt_ids, positions
+    warpers = LogitsProcessorList(([] if greedy or temperature == 1.0 else [TemperatureLogitsWarper(temperature)])
+                                  + ([] if greedy or top_p >= 1.0 else [TopPLogitsWarper(top_p)]))
+    out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=prompt_ids.device)
+    rows = torch.arange(n, device=prompt_ids.device)  # the unfinished rows, in cache order
+    mask = prompt_mask
+    length = 0
+    for t in range(max_new_tokens):
+        step = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, cache=cache,
+                     use_cache=True, logits_to_keep=1)
+        cache = step.cache
+        scores = warpers(None, step.logits[:, -1].float())  # [rows still running, V]
+        if greedy:
+            tokens = scores.argmax(-1)
+        else:  # torch.multinomial(probs [N, V], 1): q ~ Exp(1) for every entry, then argmax(p / q)
+            q = torch.empty((n, scores.shape[1]), device=scores.device).exponential_(1)
+            tokens = (F.softmax(scores, dim=-1) / q[rows]).argmax(-1)
+        out[rows, t] = tokens
+        length = t + 1
+        running = tokens != eos_token_id
+        if not running.any():
+            break
+        if not running.all():
+            keep = running.nonzero().flatten()
+            cache.batch_select_indices(keep)
+            rows, tokens, mask, step_positions = rows[keep], tokens[keep], mask[keep], step_positions[keep]
+        step_ids = tokens[:, None]
+        step_positions = step_positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return out[:, :length]
+
+
 def generate(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, merge: bool = True) -> Rollouts:
-    """Sample ``num_per_prompt`` completions per prompt in one batched, KV-cached generate call
-    (inference mode; with ``merge``, on merged LoRA weights); with several per prompt, the prompt's
-    first P-1 tokens are prefilled once and shared."""
+    """Sample ``num_per_prompt`` completions per prompt with ``decode`` (inference mode; with ``merge``,
+    on merged LoRA weights)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     prompt_ids = enc["input_ids"].repeat_interleave(num_per_prompt, dim=0).to(device)  # [N, P]
     prompt_mask = enc["attention_mask"].repeat_interleave(num_per_prompt, dim=0).to(device)
-    gen_config = GenerationConfig(  # top_k = 0: sample from the policy itself, not its top 50
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p, top_k=None if greedy else 0, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, use_cache=True)
     with torch.inference_mode(), merged_lora(model) if merge and isinstance(model, PeftModel) else nullcontext():
-        cache = None
-        if num_per_prompt > 1 and prompt_ids.shape[1] > 1:  # generate then runs only the last prompt token
-            positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-            _, cache = shared_prompt_cache(model, prompt_ids[:, :-1], prompt_mask[:, :-1], positions[:, :-1],
-                                           num_per_prompt, logits_to_keep=1)
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, cache=cache,
-                             generation_config=gen_config)
-    completion_ids = out[:, prompt_ids.shape[1]:].clone()  # [N, C]; clone: a normal tensor for autograd
+        completion_ids = decode(model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id,
+                                tokenizer.pad_token_id, temperature, top_p, greedy, num_per_prompt)
+    completion_ids = completion_ids.clone()  # [N, C]; clone: a normal tensor for autograd
     is_eos = completion_ids == tokenizer.eos_token_id
     # index of the first EOS (or C when there is none); keep tokens up to and including it
     first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.shape[1])
@@ -172,31 +227,55 @@ def kl_to_reference(model, rollouts: Rollouts, temperature: float = 1.0) -> floa
     return float(((torch.exp(log_ratio) - log_ratio - 1) * mask).sum() / mask.sum().clamp(min=1))
 
 
+def length_chunks(lengths: torch.Tensor, min_width: int = 32) -> list[tuple[torch.Tensor, int]]:
+    """Rows grouped by completion length (tokens up to and including EOS) into power-of-two classes
+    (up to ``min_width``, up to 2 * ``min_width``, ...): (row indices, the class's longest length) per
+    class, longest first. A row is padded to at most twice its length (or ``min_width``) instead of to
+    the batch's longest; completions of at most ``min_width`` tokens stay one chunk."""
+    classes = [max(min_width, 1 << (int(n) - 1).bit_length()) for n in lengths.tolist()]
+    chunks = []
+    for c in sorted(set(classes), reverse=True):
+        rows = torch.tensor([i for i, k in enumerate(classes) if k == c], device=lengths.device)
+        chunks.append((rows, int(lengths[rows].max())))
+    return chunks
+
+
 def per_token_logps_and_entropy(model, rollouts: Rollouts, temperature: float = 1.0, entropy: bool = True,
                                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(o_t | q, o_<t) for every completion token, [N, C], and (with ``entropy``) the policy's
     entropy at each of those positions, H_t = -sum_v pi(v) log pi(v), [N, C] (no gradient: a diagnostic;
     it costs one more pass over the [N, C, vocabulary] probabilities, so only the loss forward asks).
+    Positions after a row's EOS hold 0 or whatever the padded forward gives; the loss masks them.
 
-    Two forwards: the B distinct prompts (their KV cache repeated G times), then the N completions
-    on that cache. Same values as one forward over the N full sequences (up to float rounding;
-    tests/test_grpo.py), with B*P + N*C token positions instead of N*(P+C)."""
+    The B distinct prompts run once (their KV cache is then shared by their G completions); the
+    completions run in ``length_chunks``, each on its rows' prompt caches and cut at its longest
+    completion. Same values as one forward over the N full sequences (up to float rounding;
+    tests/test_grpo.py), with B*P + about sum(lengths) token positions instead of N*(P+C)."""
     p, c = rollouts.prompt_ids.shape[1], rollouts.completion_ids.shape[1]
+    g = rollouts.group_size
     attention_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)  # [N, P+C]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate does for left padding
-    prompt, cache = shared_prompt_cache(model, rollouts.prompt_ids, rollouts.prompt_mask, position_ids[:, :p],
-                                        rollouts.group_size, logits_to_keep=1)
-    logits = prompt.logits[:, -1:].repeat_interleave(rollouts.group_size, dim=0)  # [N, 1, V]: predicts o_1
-    if c > 1:  # o_1 .. o_{C-1} predict o_2 .. o_C
-        rest = model(input_ids=rollouts.completion_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                     position_ids=position_ids[:, p:-1], cache=cache).logits  # [N, C-1, V]
-        logits = torch.cat([logits, rest], dim=1)
-    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # [N, C, V]
-    token_entropy = None
-    if entropy:
-        with torch.no_grad():
-            token_entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N, C]
-    return torch.gather(logp_all, 2, rollouts.completion_ids[..., None])[..., 0], token_entropy
+    prompt = prompt_forward(model, rollouts.prompt_ids, rollouts.prompt_mask, position_ids[:, :p], g,
+                            logits_to_keep=1)  # B rows
+    chunks = length_chunks(rollouts.completion_mask.sum(1))
+    logps, entropies = [], []
+    for rows, width in chunks:
+        cache = rows_cache(model, prompt.cache, rows, g)
+        logits = prompt_rows(prompt.logits[:, -1:], rows, g)  # [n, 1, V]: predicts o_1
+        if width > 1:  # o_1 .. o_{w-1} predict o_2 .. o_w
+            rest = model(input_ids=rollouts.completion_ids[rows, :width - 1],
+                         attention_mask=attention_mask[rows, :p + width - 1],
+                         position_ids=position_ids[rows, p:p + width - 1], cache=cache).logits  # [n, w-1, V]
+            logits = torch.cat([logits, rest], dim=1)
+        logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # [n, w, V]
+        tokens = rollouts.completion_ids[rows, :width]
+        logps.append(F.pad(torch.gather(logp_all, 2, tokens[..., None])[..., 0], (0, c - width)))
+        if entropy:
+            with torch.no_grad():
+                entropies.append(F.pad(-(logp_all.exp() * logp_all).sum(-1), (0, c - width)))  # [n, C]
+    order = torch.cat([rows for rows, _ in chunks]).argsort()  # back to row order
+    token_entropy = torch.cat(entropies)[order] if entropy else None
+    return torch.cat(logps)[order], token_entropy
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
