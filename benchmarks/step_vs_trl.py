@@ -1,10 +1,15 @@
 """One local GRPO step, ours vs TRL's GRPOTrainer, on the same work, interleaved in one process.
 
-A step is: sample B prompts x G completions (KV-cached ``generate``), score them with the same
+A step is: sample B prompts x G completions (KV-cached sampling), score them with the same
 verifier, group advantages, the GRPO loss, backward, gradient clipping and one AdamW step on the
 LoRA parameters. Both sides get the same base model, the same LoRA adapter config (rank 16 on
 every linear layer, no dropout), the same prompts, B, G, max completion length, temperature,
 loss type ("grpo"), beta (0), mu (1), epsilon, learning rate and max grad norm, fp32 on the CPU.
+The learning rate is 0 unless ``--lr`` says otherwise: every step still runs the optimizer, but
+the two policies, which sample their own completions, stay the same distribution, so their
+completion lengths (the work of a step) match in expectation; each side's mean completion length
+is reported next to its time. (At a learning rate, the two policies drift apart and so does the
+work of their steps.)
 TRL runs with ``gradient_checkpointing=False`` (its default is True, which would only slow it
 down here) and no logging of completions.
 
@@ -58,8 +63,9 @@ def large_model_path(folder: str) -> str:
     return folder
 
 
-def compare(path: str, cfg: RunConfig, steps: int, warmup: int) -> dict:
-    """Median seconds per step of ours and of TRL's, interleaved; returns one result row."""
+def compare(path: str, cfg: RunConfig, steps: int, warmup: int, lr: float) -> dict:
+    """Median seconds per step of ours and of TRL's, interleaved, and each side's mean completion length;
+    returns one result row."""
     import trl
 
     # ours: the same code path a client runs (fgrpo.grpo.local_grpo), one step per call
@@ -78,7 +84,7 @@ def compare(path: str, cfg: RunConfig, steps: int, warmup: int) -> dict:
     parameters = sum(p.numel() for p in base.parameters())
     model = add_lora(base, cfg.lora_r, cfg.lora_alpha, 0.0, seed=0)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     settings = GRPOSettings.from_config(cfg, local_steps=1)
     order = torch.Generator().manual_seed(1)
 
@@ -89,6 +95,7 @@ def compare(path: str, cfg: RunConfig, steps: int, warmup: int) -> dict:
 
     batches = our_batches()
     times: dict[str, list[float]] = {"ours": [], "trl": []}
+    lengths: dict[str, list[float]] = {"ours": [], "trl": []}  # mean completion tokens per step
 
     class Interleave(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -97,17 +104,22 @@ def compare(path: str, cfg: RunConfig, steps: int, warmup: int) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             times["trl"].append(time.perf_counter() - self.start)
             start = time.perf_counter()
-            local_grpo(model, tokenizer, optimizer, batches, tasks.correctness, settings)
+            result = local_grpo(model, tokenizer, optimizer, batches, tasks.correctness, settings)
             times["ours"].append(time.perf_counter() - start)
+            lengths["ours"].append(result.metrics["completion_length"])
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                lengths["trl"].append(float(logs["completions/mean_length"]))
 
     n = cfg.prompts_per_step * cfg.group_size
     args = trl.GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-"), per_device_train_batch_size=n, gradient_accumulation_steps=1,
         steps_per_generation=1, num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, loss_type="grpo", beta=0.0, num_iterations=1,
-        epsilon=0.2, learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0,
+        epsilon=0.2, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_steps=steps + warmup,
-        gradient_checkpointing=False, use_cpu=True, bf16=False, report_to=[], logging_steps=10_000,
+        gradient_checkpointing=False, use_cpu=True, bf16=False, report_to=[], logging_steps=1,
         save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
     train = Dataset.from_dict({"prompt": [[{"role": r, "content": c} for r, c in e.messages] if chat else e.prompt
                                           for e in examples]})
@@ -121,8 +133,9 @@ def compare(path: str, cfg: RunConfig, steps: int, warmup: int) -> dict:
         warnings.simplefilter("ignore")
         trainer.train()
     ours, theirs = statistics.median(times["ours"][warmup:]), statistics.median(times["trl"][warmup:])
-    return {"parameters": parameters, "ours_s": ours, "trl_s": theirs,
-            "ratio": ours / theirs, "steps": len(times["ours"][warmup:])}
+    return {"parameters": parameters, "ours_s": ours, "trl_s": theirs, "ratio": ours / theirs,
+            "steps": len(times["ours"][warmup:]), "ours_length": statistics.mean(lengths["ours"][warmup:]),
+            "trl_length": statistics.mean(lengths["trl"][warmup:])}
 
 
 def main() -> None:
@@ -135,6 +148,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", help="comma-separated completion lengths (default: the run default)")
     parser.add_argument("--prompts-per-step", type=int)
     parser.add_argument("--group-size", type=int)
+    parser.add_argument("--lr", type=float, default=0.0,
+                        help="learning rate of both sides (default 0: the optimizer step runs, the policy stays put)")
     args = parser.parse_args()
     quiet_libraries()
     base = {k: v for k, v in {"prompts_per_step": args.prompts_per_step, "group_size": args.group_size}.items()
@@ -150,15 +165,17 @@ def main() -> None:
         for name, path in paths.items():
             for length in lengths:
                 run_cfg = RunConfig(**base, max_new_tokens=length, **({"tasks": args.tasks} if args.model else {}))
-                row = compare(path, run_cfg, steps, warmup)
+                row = compare(path, run_cfg, steps, warmup, args.lr)
                 key = name if len(lengths) == 1 else f"{name}@{length}"
                 results[key] = row
                 print(f"{key}: {row['parameters'] / 1e6:.2f} M parameters, {length} new tokens, ours "
-                      f"{row['ours_s']:.3f} s/step, TRL {row['trl_s']:.3f} s/step, ratio {row['ratio']:.3f}")
+                      f"{row['ours_s']:.3f} s/step, TRL {row['trl_s']:.3f} s/step, ratio {row['ratio']:.3f}; "
+                      f"mean completion tokens ours {row['ours_length']:.1f}, TRL {row['trl_length']:.1f}")
     print(json.dumps({"benchmark": "step_vs_trl", "quick": args.quick, "steps": steps, "warmup": warmup,
                       "prompts_per_step": cfg.prompts_per_step, "group_size": cfg.group_size,
-                      "max_new_tokens": lengths, "threads": torch.get_num_threads(),
-                      **{f"{k}_{m}": v[k] for m, v in results.items() for k in ("ours_s", "trl_s", "ratio")}}))
+                      "max_new_tokens": lengths, "lr": args.lr, "threads": torch.get_num_threads(),
+                      **{f"{k}_{m}": v[k] for m, v in results.items()
+                         for k in ("ours_s", "trl_s", "ratio", "ours_length", "trl_length")}}))
 
 
 if __name__ == "__main__":
