@@ -81,16 +81,15 @@ def prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, p
                  position_ids=position_ids[::group_size], use_cache=True, logits_to_keep=logits_to_keep)
 
 
-def prompt_rows(t: torch.Tensor, rows: torch.Tensor, group_size: int) -> torch.Tensor:
+def prompt_rows(t: torch.Tensor, rows: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """The rows of a per-prompt tensor [B, ...] that completion rows ``rows`` read (row i reads prompt
-    i // G); differentiable, so gradients reach the prompt positions as in a full forward. All N rows
-    in order use ``repeat_interleave``, the op of a plain batched forward (same values to the bit)."""
-    if rows.numel() == t.shape[0] * group_size and bool((rows == torch.arange(rows.numel(), device=rows.device)).all()):
-        return t.repeat_interleave(group_size, dim=0)
-    return t.index_select(0, rows // group_size)
+    i // G); differentiable, so gradients reach the prompt positions as in a full forward. ``None``:
+    all N rows in order, by ``repeat_interleave`` (the op of a plain batched forward, same values
+    to the bit)."""
+    return t.repeat_interleave(group_size, dim=0) if rows is None else t.index_select(0, rows // group_size)
 
 
-def rows_cache(model, prompt_cache, rows: torch.Tensor, group_size: int) -> DynamicCache:
+def rows_cache(model, prompt_cache, rows: torch.Tensor | None, group_size: int) -> DynamicCache:
     """A new KV cache of the prompts that completion rows ``rows`` read (``prompt_rows`` of each layer)."""
     return DynamicCache([(prompt_rows(layer.keys, rows, group_size), prompt_rows(layer.values, rows, group_size))
                          for layer in prompt_cache.layers], config=model.config)
@@ -152,7 +151,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
     if group_size > 1 and p > 1:  # then only the last prompt token runs in the first step
         prompt = prompt_forward(model, prompt_ids[:, :-1], prompt_mask[:, :-1], positions[:, :-1], group_size,
                                 logits_to_keep=1)
-        cache = rows_cache(model, prompt.cache, torch.arange(n, device=prompt_ids.device), group_size)
+        cache = rows_cache(model, prompt.cache, None, group_size)
         step_ids, step_positions = prompt_ids[:, -1:], positions[:, -1:]
     else:
         step_ids, step_positions = prompt_ids, positions
@@ -244,7 +243,7 @@ def per_token_logps_and_entropy(model, rollouts: Rollouts, temperature: float = 
                                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(o_t | q, o_<t) for every completion token, [N, C], and (with ``entropy``) the policy's
     entropy at each of those positions, H_t = -sum_v pi(v) log pi(v), [N, C] (no gradient: a diagnostic;
-    it costs one more pass over the [N, C, vocabulary] probabilities, so only the loss forward asks).
+    it costs one more pass over the [rows, tokens, vocabulary] probabilities, so only the loss forward asks).
     Positions after a row's EOS hold 0 or whatever the padded forward gives; the loss masks them.
 
     The B distinct prompts run once (their KV cache is then shared by their G completions); the
@@ -260,8 +259,9 @@ def per_token_logps_and_entropy(model, rollouts: Rollouts, temperature: float = 
     chunks = length_chunks(rollouts.completion_mask.sum(1))
     logps, entropies = [], []
     for rows, width in chunks:
-        cache = rows_cache(model, prompt.cache, rows, g)
-        logits = prompt_rows(prompt.logits[:, -1:], rows, g)  # [n, 1, V]: predicts o_1
+        spread = None if len(chunks) == 1 else rows  # one chunk: all rows in order
+        cache = rows_cache(model, prompt.cache, spread, g)
+        logits = prompt_rows(prompt.logits[:, -1:], spread, g)  # [n, 1, V]: predicts o_1
         if width > 1:  # o_1 .. o_{w-1} predict o_2 .. o_w
             rest = model(input_ids=rollouts.completion_ids[rows, :width - 1],
                          attention_mask=attention_mask[rows, :p + width - 1],
