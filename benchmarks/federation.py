@@ -1,6 +1,6 @@
 """In-process federation overhead and bytes on the wire.
 
-For each round: wall time of ``InProcessFederation.run_round`` plus the round's checkpoint, divided by the
+For each round: wall time of ``InProcessRun.run_round`` plus the round's checkpoint, divided by the
 sum of the clients' local training time and the evaluation time (target <= 1.05; the rest is
 adapter swapping, delta computation, aggregation and the checkpoint write), and the bytes one
 client receives (the global adapter) and sends (its delta) per round, and the size of the delta as a
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from fgrpo.checkpoint import save_checkpoint
-from fgrpo.config import build_config
+from fgrpo.config_sources import build_config
 from fgrpo.flower.wire import adapter_record
-from fgrpo.runner import InProcessFederation, quiet_libraries
+from fgrpo.runner import InProcessRun, quiet_libraries
 
 
 def main() -> None:
@@ -36,13 +36,13 @@ def main() -> None:
     quiet_libraries()
     overrides = {"rounds": 6, "local_steps": 3} if args.quick else {"rounds": 10}
     cfg = build_config(overrides=overrides)
-    fed = InProcessFederation(cfg)
+    fed = InProcessRun(cfg)
     checkpoints = Path(tempfile.mkdtemp(prefix="fgrpo-bench-"))
     ratios = []
     for rnd in range(1, cfg.rounds + 1):
         start = time.perf_counter()
         rows = fed.run_round(rnd)
-        save_checkpoint(checkpoints, rnd, *fed.state.tensors_and_json(), 0, keep=2)
+        save_checkpoint(checkpoints, rnd, *fed.server.state.tensors_and_json(), 0, keep=2)
         wall = time.perf_counter() - start
         work = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in rows)
         ratios.append(wall / work)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fgrpo.config import build_config
+from fgrpo.config_sources import build_config
 from fgrpo.runner import run_experiment
 
 

@@ -33,8 +33,8 @@ ARITHMETIC = ("basic_arithmetic:max_terms=2,min_digits=1,max_digits=1,allow_nega
 
 def measure(clients: int, train_size: int, model: str, max_new_tokens: int | None) -> dict:
     """Run in a child process: peak RSS (bytes) after one round with ``clients`` clients."""
-    from fgrpo.config import build_config
-    from fgrpo.runner import InProcessFederation, quiet_libraries
+    from fgrpo.config_sources import build_config
+    from fgrpo.runner import InProcessRun, quiet_libraries
 
     quiet_libraries()
     chat_model = model == "smollm2" or model.endswith(".gguf")  # a real model: its tasks, smaller steps
@@ -43,7 +43,7 @@ def measure(clients: int, train_size: int, model: str, max_new_tokens: int | Non
                                   "local_steps": 2, "train_size": train_size, "rounds": 1,
                                   "model": model, **small,
                                   **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})})
-    fed = InProcessFederation(cfg)
+    fed = InProcessRun(cfg)
     gc.collect()
     setup = psutil.Process().memory_info().rss  # base model + every client's data, before training
     fed.run_round(1)

@@ -1,4 +1,4 @@
-"""Rollout throughput: ``fgrpo.grpo.generate`` vs raw ``model.generate`` with the KV cache.
+"""Rollout throughput: ``fgrpo.rollouts.generate`` vs raw ``model.generate`` with the KV cache.
 
 Same model (the embedded default with a fresh LoRA adapter), same prompts (16 training prompts
 of each default task, 8 completions each), same sampling settings and seed. Ours includes
@@ -24,8 +24,8 @@ from transformers import GenerationConfig
 
 from fgrpo import tasks
 from fgrpo.config import RunConfig
-from fgrpo.grpo import generate, prompt_texts
 from fgrpo.model import add_lora, load_base, resolve_prompt_style
+from fgrpo.rollouts import generate, prompt_texts
 from fgrpo.runner import quiet_libraries
 
 

@@ -21,8 +21,8 @@ import time
 import psutil
 import torch
 
-from fgrpo.config import build_config
-from fgrpo.runner import InProcessFederation, quiet_libraries
+from fgrpo.config_sources import build_config
+from fgrpo.runner import InProcessRun, quiet_libraries
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     feds, setup = {}, {}
     for name, clients, fraction in (("100 clients, 10%", 100, 0.1), ("10 clients, 100%", 10, 1.0)):
         start = time.perf_counter()
-        feds[name] = InProcessFederation(build_config(overrides={"num_clients": clients, "fraction": fraction,
+        feds[name] = InProcessRun(build_config(overrides={"num_clients": clients, "fraction": fraction,
                                                         "rounds": rounds, **extra}))
         setup[name] = time.perf_counter() - start
     seconds: dict[str, list[float]] = {name: [] for name in feds}

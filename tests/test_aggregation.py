@@ -9,7 +9,6 @@ from fgrpo import aggregation
 from fgrpo.aggregation import (
     ClientBaseline,
     ClientStats,
-    apply_update,
     fedavg,
     fgrpo,
     gain_no_baseline,
@@ -192,7 +191,9 @@ def test_fedavg_is_data_share():
 def test_apply_update_by_hand():
     theta = {"w": torch.tensor([1.0, 2.0])}
     deltas = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 4.0])}]
-    out = apply_update(theta, deltas, [0.25, 0.75], server_lr=2.0)
+    sgd = aggregation.ServerOptimizer("sgd", 2.0, 0, 0, 1)  # theta + eta * sum_k w_k delta_k, eta = 2
+    out, _ = aggregation.server_step(theta, aggregation.pseudo_gradient(deltas, [0.25, 0.75]), sgd,
+                                     aggregation.ServerOptimizerState())
     assert torch.allclose(out["w"], torch.tensor([1.0 + 2 * 0.25, 2.0 + 2 * 3.0]))
     assert torch.equal(theta["w"], torch.tensor([1.0, 2.0]))  # input untouched
 

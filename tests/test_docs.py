@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from fgrpo.cli import main
-from fgrpo.config import reference_markdown
+from fgrpo.config_sources import reference_markdown
 from tiny import TINY
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -15,7 +15,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 def test_config_reference_is_generated_from_the_code():
     assert (DOCS / "config.md").read_text() == reference_markdown(), (
-        "docs/config.md is stale: run `python -m fgrpo.config > docs/config.md`")
+        "docs/config.md is stale: run `python -m fgrpo.config_sources > docs/config.md`")
 
 
 def test_every_emitted_metric_is_in_the_glossary(tmp_path):

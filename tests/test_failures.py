@@ -4,27 +4,27 @@ min_clients updates remain; a rejected client's baseline is not updated."""
 import pytest
 import torch
 
-from fgrpo.config import build_config
-from fgrpo.federation import RoundFailed
-from fgrpo.runner import InProcessFederation
+from fgrpo.config_sources import build_config
+from fgrpo.runner import InProcessRun
+from fgrpo.server import RoundFailed
 from tiny import MOVING, TINY
 
 OPTIONS = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
 
 
-def federation(tmp_path, **extra) -> InProcessFederation:
-    return InProcessFederation(build_config(overrides={**OPTIONS, "num_clients": 3, **MOVING, **extra}))
+def federation(tmp_path, **extra) -> InProcessRun:
+    return InProcessRun(build_config(overrides={**OPTIONS, "num_clients": 3, **MOVING, **extra}))
 
 
-def corrupt(fed: InProcessFederation, client_id: str, change) -> None:
+def corrupt(fed: InProcessRun, client_id: str, change) -> None:
     """Make one client's training misbehave as ``change`` says."""
-    train = fed.train_client
+    train = fed.trainer.train
 
-    def patched(client, rnd, start=None):
-        update = train(client, rnd, start)
+    def patched(client, rnd, start, samples_dir=None):
+        update = train(client, rnd, start, samples_dir)
         return change(update) if client.client_id == client_id else update
 
-    fed.train_client = patched
+    fed.trainer.train = patched
 
 
 def raise_error(update):

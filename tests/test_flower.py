@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from fgrpo.aggregation import ClientStats
 from fgrpo.cli import main
-from fgrpo.federation import ClientUpdate
 from fgrpo.flower import wire
+from fgrpo.report import ClientUpdate
 from tiny import MOVING, MOVING_ARGS, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,16 +215,18 @@ def test_dp_accounting_counts_the_supernodes_when_owners_bring_their_own_data(tm
     from opacus.accountants import RDPAccountant
 
     from fgrpo.aggregation import update_norm
-    from fgrpo.config import build_config
-    from fgrpo.federation import Federation
+    from fgrpo.config_sources import build_config
     from fgrpo.flower.server_app import FGRPOStrategy
+    from fgrpo.host import ModelHost
     from fgrpo.rundir import RunRecorder
+    from fgrpo.server import Server
 
     options = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
     cfg = build_config(overrides={**options, "scenario": "user-data", "dp": "server", "dp_noise": 0.9,
                                   "fraction": 0.5, "cache_dir": str(tmp_path / "cache")})
-    fed = Federation(cfg, remote_clients=True)
-    strategy = FGRPOStrategy(fed, RunRecorder(tmp_path / "run", fed))
+    host = ModelHost(cfg)
+    fed = Server(cfg, host.adapter())  # the server side alone: no client list when the owners bring their data
+    strategy = FGRPOStrategy(cfg, fed, host, RunRecorder(tmp_path / "run", cfg, fed, host), [], {}, None, None)
     nodes = strategy.participants(1, NodesOnly([11, 12, 13, 14]))
     assert len(nodes) == 2
     updates = [ClientUpdate(ClientStats(f"owner-{node}", 4, 0.2, 0.5, 0.3, 1.0, 0.4),
@@ -241,13 +243,12 @@ def test_dp_accounting_counts_the_supernodes_when_owners_bring_their_own_data(tm
 def test_sample_completions_stay_on_the_client_and_never_reach_a_message(tmp_path):
     """What a ClientApp replies (wire.update_content) holds no completion text, while the client's
     completions-dir holds the round's samples."""
-    from fgrpo.config import build_config
-    from fgrpo.runner import InProcessFederation
+    from fgrpo.config_sources import build_config
+    from fgrpo.runner import InProcessRun
 
     options = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
-    fed = InProcessFederation(build_config(overrides={**options, **MOVING, "num_clients": 2, "completion_samples": 3}))
-    fed.completions_dir = tmp_path / "node"
-    update = fed.train_client(fed.clients[0], 1)
+    fed = InProcessRun(build_config(overrides={**options, **MOVING, "num_clients": 2, "completion_samples": 3}))
+    update = fed.trainer.train(fed.clients[0], 1, fed.server.global_adapter, samples_dir=tmp_path / "node")
     records = [json.loads(line) for line in (tmp_path / "node" / "client-0.jsonl").read_text().splitlines()]
     texts = {c["text"] for r in records for c in r["completions"]}
     prompts = {r["prompt"] for r in records}
@@ -258,3 +259,49 @@ def test_sample_completions_stay_on_the_client_and_never_reach_a_message(tmp_pat
     assert len(sent) > 10
     assert not any(isinstance(v, str) and v in texts for v in sent)  # no completion as a value
     assert not any(p in str(v) for p in prompts for v in sent)  # no prompt anywhere
+
+
+@pytest.mark.parametrize("strategy", ["centralized", "local-only"])
+def test_reference_strategies_on_the_flower_simulation_equal_in_process(tmp_path, strategy):
+    """The references run on Flower as in-process: centralized trains one pooled client on one SuperNode
+    (weight 1), local-only sends each client its own adapter and evaluates each on its own tasks. Before,
+    centralized silently ran FedAvg (each of 3 clients weight 1/3) and local-only saved no adapter."""
+    cache = tmp_path / "cache"
+    common = f"rounds=2 num-clients=3 strategy='{strategy}' cache-dir='{cache}'"
+    assert main(["run", *TINY, "--rounds", "2", "--num-clients", "3", "--strategy", strategy,
+                 "--cache-dir", str(cache), "--out", str(tmp_path / "in-process")]) == 0
+    flower_simulation(tmp_path, f"{TINY_RUN_CONFIG} {common} out='{tmp_path / 'flower'}'", supernodes=3)
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("flower", "in-process")}
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]
+    assert strip(rows["flower"]) == strip(rows["in-process"])
+    clients = [r for r in rows["flower"] if r["kind"] == "client" and r["round"] == 1]
+    if strategy == "centralized":
+        assert [(r["client_id"], r["weight"]) for r in clients] == [("pooled", 1.0)]
+        assert adapters_equal(tmp_path / "flower", tmp_path / "in-process")
+    else:
+        assert len(clients) == 3 and all(r["weight"] is None for r in clients)
+        for k in range(3):  # each client's own adapter, bitwise the in-process one
+            assert _same_adapter(tmp_path / "flower" / "adapter" / f"client-{k}",
+                                 tmp_path / "in-process" / "adapter" / f"client-{k}")
+
+
+def _same_adapter(a: Path, b: Path) -> bool:
+    ta, tb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_reference_strategies_are_refused_when_owners_bring_their_own_data():
+    """centralized and local-only need every owner's prompts or tasks in one place: with the owners' own data
+    on Flower (scenario user-data, no data in the run config) the ServerApp refuses before any work, in one line."""
+    from fgrpo.checks import check_flower_runtime
+    from fgrpo.config import ConfigError
+    from fgrpo.config_sources import build_config
+
+    for strategy in ("centralized", "local-only"):
+        cfg = build_config(overrides={"strategy": strategy, "scenario": "user-data"})
+        with pytest.raises(ConfigError, match=f"strategy = '{strategy}' cannot run on the Flower runtime") as err:
+            check_flower_runtime(cfg, owners_bring_data=True)
+        assert "\n" not in str(err.value)
+        check_flower_runtime(build_config(overrides={"strategy": strategy}), owners_bring_data=False)  # simulation
+    check_flower_runtime(build_config(overrides={"scenario": "user-data"}), owners_bring_data=True)  # fgrpo: fine

@@ -5,19 +5,9 @@ import torch
 
 from fgrpo import tasks
 from fgrpo.config import RunConfig
-from fgrpo.grpo import (
-    GRPOSettings,
-    Rollouts,
-    generate,
-    group_advantages,
-    grpo_loss,
-    kl_to_reference,
-    length_chunks,
-    local_grpo,
-    per_token_logps,
-    prompt_batches,
-)
+from fgrpo.grpo import GRPOSettings, group_advantages, grpo_loss, local_grpo, prompt_batches
 from fgrpo.model import add_lora, build_tiny_model, char_tokenizer
+from fgrpo.rollouts import Rollouts, generate, kl_to_reference, length_chunks, per_token_logps
 
 
 def grpo_settings(local_steps: int, **overrides) -> GRPOSettings:
@@ -328,7 +318,7 @@ def test_fedprox_term_adds_mu_times_the_drift_to_the_gradient():
 def test_concatenated_rollouts_keep_every_log_prob(tiny_lora):
     """Two generate calls of different widths as one batch (dynamic sampling merges them): the same
     per-token log-probs, thanks to position ids from the attention mask."""
-    from fgrpo.grpo import concat_rollouts, select_groups
+    from fgrpo.rollouts import concat_rollouts, select_groups
 
     model, tokenizer = tiny_lora
     torch.manual_seed(0)

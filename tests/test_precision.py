@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from fgrpo.aggregation import ClientStats
-from fgrpo.config import build_config
-from fgrpo.federation import ClientUpdate
+from fgrpo.config_sources import build_config
 from fgrpo.flower import wire
 from fgrpo.model import autocast_context
-from fgrpo.runner import InProcessFederation
+from fgrpo.report import ClientUpdate
+from fgrpo.runner import InProcessRun
 from tiny import MOVING, TINY
 
 OPTIONS = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
@@ -33,17 +33,17 @@ def test_half_precision_run_stays_close_to_float32(tmp_path):
     """Same seed, one round: the global adapter moves by the float32 update up to float16 rounding."""
     adapters = {}
     for dtype in ("float32", "float16"):
-        fed = InProcessFederation(build_config(overrides={**OPTIONS, "num_clients": 2, **MOVING,
+        fed = InProcessRun(build_config(overrides={**OPTIONS, "num_clients": 2, **MOVING,
                                                  "delta_dtype": dtype, "lr": 0.05}))
         start = {k: v.clone() for k, v in fed.global_adapter.items()}
         sent = []
-        train = fed.train_client
+        train = fed.trainer.train
 
-        def record(client, rnd, start=None, train=train, sent=sent):
-            sent.append(train(client, rnd, start))
+        def record(client, rnd, start, samples_dir=None, train=train, sent=sent):
+            sent.append(train(client, rnd, start, samples_dir))
             return sent[-1]
 
-        fed.train_client = record
+        fed.trainer.train = record
         fed.run_round(1)
         assert all(v.dtype == getattr(torch, dtype) for u in sent for v in u.delta.values())
         assert all(v.dtype == torch.float32 for v in fed.global_adapter.values())
@@ -66,7 +66,7 @@ def test_mixed_precision_resolves_by_device_and_bf16_runs():
 def test_bf16_autocast_round_trains_the_adapter(tmp_path):
     rounds = {}
     for precision in ("no", "bf16"):
-        fed = InProcessFederation(build_config(overrides={**OPTIONS, "num_clients": 3, **MOVING,
+        fed = InProcessRun(build_config(overrides={**OPTIONS, "num_clients": 3, **MOVING,
                                                           "mixed_precision": precision}))
         start = {k: v.clone() for k, v in fed.global_adapter.items()}
         fed.run_round(1)

@@ -13,8 +13,9 @@ from opacus.accountants import RDPAccountant
 from fgrpo import privacy
 from fgrpo.aggregation import ClientStats, update_norm
 from fgrpo.cli import main
-from fgrpo.config import ConfigError, build_config
-from fgrpo.runner import InProcessFederation
+from fgrpo.config import ConfigError
+from fgrpo.config_sources import build_config
+from fgrpo.runner import InProcessRun
 from tiny import TINY
 
 OPTIONS = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
@@ -81,15 +82,15 @@ def test_dp_run_reports_the_accountants_epsilon_every_round(tmp_path, dp, stats_
     cfg = build_config(overrides={**OPTIONS, "num_clients": 4, "fraction": 0.5, "rounds": 3, "dp": dp,
                                   "dp_noise": 0.9, "dp_clip": 0.05, "dp_stats_noise": stats_noise,
                                   "cache_dir": str(tmp_path)})
-    fed = InProcessFederation(cfg)
+    fed = InProcessRun(cfg)
     sent = []
-    train = fed.train_client
+    train = fed.trainer.train
 
-    def record(client, rnd, start=None):
-        sent.append(train(client, rnd, start))
+    def record(client, rnd, start, samples_dir=None):
+        sent.append(train(client, rnd, start, samples_dir))
         return sent[-1]
 
-    fed.train_client = record
+    fed.trainer.train = record
     rate = 1.0 if dp == "local" else 0.5
     for rnd in (1, 2, 3):
         before = {k: v.clone() for k, v in fed.global_adapter.items()}

@@ -10,8 +10,8 @@ import torch
 
 from fgrpo import tasks
 from fgrpo.cli import main
-from fgrpo.grpo import generate, prompt_texts
 from fgrpo.model import load_base, model_folder, smollm2_gguf
+from fgrpo.rollouts import generate, prompt_texts
 from tiny import MOVING
 
 CACHE = MOVING["cache_dir"]

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fgrpo.cli import main
-from fgrpo.config import build_config, config_fields
+from fgrpo.config import config_fields
+from fgrpo.config_sources import build_config
 from fgrpo.model import build_tiny_model, char_tokenizer, embedded_model_path
 from fgrpo.tasks import DEFAULT_TASKS
 from tiny import MOVING_ARGS
@@ -217,13 +218,13 @@ def test_report_rebuilds_summary_and_plot_from_metrics_alone(tmp_path, capsys):
 
 
 def test_sgd_local_optimizer_trains_the_adapter():
-    from fgrpo.runner import InProcessFederation
+    from fgrpo.runner import InProcessRun
     from tiny import MOVING
 
     options = {TINY_ARGS[i][2:].replace("-", "_"): TINY_ARGS[i + 1] for i in range(0, len(TINY_ARGS), 2)}
-    fed = InProcessFederation(build_config(overrides={**options, **MOVING, "num_clients": 2,
+    fed = InProcessRun(build_config(overrides={**options, **MOVING, "num_clients": 2,
                                                       "local_optimizer": "sgd", "lr": 0.5}))
-    assert isinstance(fed.optimizer, torch.optim.SGD) and fed.optimizer.defaults["momentum"] == 0.9
+    assert isinstance(fed.trainer.optimizer, torch.optim.SGD) and fed.trainer.optimizer.defaults["momentum"] == 0.9
     before = {k: v.clone() for k, v in fed.global_adapter.items()}
     rows = fed.run_round(1)
     assert any(r["kind"] == "client" and r["update_norm"] > 0 for r in rows)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fgrpo import tasks
+from fgrpo import rewards, scenarios, tasks
 from fgrpo.tasks import Example
 
 
@@ -39,21 +39,21 @@ def test_common_mistakes_are_wrong_answers_in_the_gold_answers_form(task):
 def test_reward_scales():
     ex = tasks.test_split("spell_backward", 1)[0]
     wrong = ex.answer[:-1] + ("a" if ex.answer[-1] != "a" else "b")
-    s = tasks.REWARD_SCALES
+    s = rewards.REWARD_SCALES
     assert s["x1"](ex, ex.answer) == 1.0 and s["x10"](ex, ex.answer) == 10.0
     assert s["signed"](ex, ex.answer) == 1.0 and s["signed"](ex, wrong) == -1.0
     assert 0.0 < s["partial"](ex, wrong) < 1.0 and s["partial"](ex, ex.answer) == 1.0
 
 
 def test_scenarios():
-    clients = tasks.build_scenario("scale-skew", 4, 20, seed=0)
+    clients = scenarios.build_scenario("scale-skew", 4, 20, seed=0)
     n = len(tasks.DEFAULT_TASKS)
     assert [c.task for c in clients] == [tasks.DEFAULT_TASKS[k % n] for k in range(4)]
-    assert tasks.scenario_tasks(clients) == list(tasks.DEFAULT_TASKS)
+    assert scenarios.scenario_tasks(clients) == list(tasks.DEFAULT_TASKS)
     assert [c.reward.name for c in clients] == ["x1", "x10", "partial", "signed"]
-    assert {c.reward.name for c in tasks.build_scenario("task-skew", 4, 20, seed=0)} == {"x1"}
+    assert {c.reward.name for c in scenarios.build_scenario("task-skew", 4, 20, seed=0)} == {"x1"}
     with pytest.raises(ValueError):
-        tasks.build_scenario("nope", 4, 20, seed=0)
+        scenarios.build_scenario("nope", 4, 20, seed=0)
 
 
 def test_config_default_tasks_are_the_default_families():
@@ -63,20 +63,20 @@ def test_config_default_tasks_are_the_default_families():
 
 
 def test_difficulty_skew_gives_each_client_one_level_of_one_family():
-    clients = tasks.build_scenario("difficulty-skew", 4, 30, seed=0)
+    clients = scenarios.build_scenario("difficulty-skew", 4, 30, seed=0)
     assert [c.task for c in clients] == ["spell_backward@1", "spell_backward@2", "spell_backward@3",
                                          "spell_backward@1"]
     lengths = {c.task: {len(e.answer) for e in c.train} for c in clients}
     assert max(lengths["spell_backward@1"]) <= 4 < min(lengths["spell_backward@2"])
     assert max(lengths["spell_backward@2"]) <= 6 < min(lengths["spell_backward@3"])
     with pytest.raises(ValueError, match="no difficulty levels"):
-        tasks.build_scenario("difficulty-skew", 2, 10, seed=0, tasks=("gsm_symbolic",))
+        scenarios.build_scenario("difficulty-skew", 2, 10, seed=0, tasks=("gsm_symbolic",))
 
 
 def test_difficulty_skew_on_a_reasoning_gym_curriculum_keeps_the_overrides():
     spec = "basic_arithmetic:operators=('+', '*')"
     assert tasks.split_tasks(f"{spec},chain_sum") == [spec, "chain_sum"]
-    clients = tasks.build_scenario("difficulty-skew", 3, 20, seed=0, tasks=(spec,))
+    clients = scenarios.build_scenario("difficulty-skew", 3, 20, seed=0, tasks=(spec,))
     assert [c.task for c in clients] == [f"basic_arithmetic@{k}:operators=('+', '*')" for k in (1, 2, 3)]
     terms = [max(e.prompt.count(" ") for e in c.train) for c in clients]  # more terms: more spaces
     assert terms[0] < terms[2]
@@ -92,27 +92,27 @@ def dominant_share(clients):
 
 
 def test_dirichlet_partitions_one_pool_and_alpha_controls_skew():
-    skewed = tasks.build_scenario("dirichlet", 4, 150, seed=0, dirichlet_alpha=0.1)
-    even = tasks.build_scenario("dirichlet", 4, 150, seed=0, dirichlet_alpha=100.0)
+    skewed = scenarios.build_scenario("dirichlet", 4, 150, seed=0, dirichlet_alpha=0.1)
+    even = scenarios.build_scenario("dirichlet", 4, 150, seed=0, dirichlet_alpha=100.0)
     for clients in (skewed, even):
         ids = [id(e) for c in clients for e in c.train]
         assert len(ids) == len(set(ids)) == 4 * 150  # a partition of the pool: nothing shared or lost
     assert dominant_share(skewed) > 0.7 > 0.45 > dominant_share(even)
-    assert [c.task for c in tasks.build_scenario("dirichlet", 4, 150, seed=0, dirichlet_alpha=0.1)] == \
+    assert [c.task for c in scenarios.build_scenario("dirichlet", 4, 150, seed=0, dirichlet_alpha=0.1)] == \
         [c.task for c in skewed]  # seeded
 
 
 def test_quantity_skew_sizes_and_local_steps_differ_tenfold():
-    clients = tasks.build_scenario("quantity-skew", 4, 200, seed=0, local_steps=10)
+    clients = scenarios.build_scenario("quantity-skew", 4, 200, seed=0, local_steps=10)
     sizes = [len(c.train) for c in clients]
     assert sizes[0] == 200 and sizes[0] / sizes[-1] >= 10
     assert [c.local_steps for c in clients] == [10, 5, 2, 1]
-    assert set(tasks.scenario_tasks(clients)) == set(tasks.DEFAULT_TASKS)  # IID mixtures
+    assert set(scenarios.scenario_tasks(clients)) == set(tasks.DEFAULT_TASKS)  # IID mixtures
 
 
 def test_pooled_client_scores_each_prompt_with_its_owners_verifier():
-    clients = tasks.build_scenario("scale-skew", 4, 10, seed=0)
-    pooled = tasks.pooled_client(clients, local_steps=40)
+    clients = scenarios.build_scenario("scale-skew", 4, 10, seed=0)
+    pooled = scenarios.pooled_client(clients, local_steps=40)
     assert len(pooled.train) == 40 and pooled.local_steps == 40 and pooled.reward.range == 10.0
     x10 = clients[1].train[0]  # client-1 rewards on a x10 scale
     assert pooled.reward(x10, x10.answer) == 10.0
@@ -121,7 +121,7 @@ def test_pooled_client_scores_each_prompt_with_its_owners_verifier():
 
 
 def test_noisy_verifiers_scenario_has_honest_flaky_and_inverted_verifiers():
-    clients = tasks.build_scenario("noisy-verifiers", 4, 20, seed=0, reward_noise=0.4)
+    clients = scenarios.build_scenario("noisy-verifiers", 4, 20, seed=0, reward_noise=0.4)
     honest, flaky, _, inverted = (c.reward for c in clients)
     example = clients[1].train[0]
     answers = [example.answer] + [f"wrong{i}" for i in range(1999)]
@@ -133,9 +133,9 @@ def test_noisy_verifiers_scenario_has_honest_flaky_and_inverted_verifiers():
 
 
 def test_stalled_and_straggler_scenarios():
-    stalled = tasks.build_scenario("stalled", 4, 10, seed=0)
+    stalled = scenarios.build_scenario("stalled", 4, 10, seed=0)
     assert [c.task for c in stalled] == ["spell_backward", "spell_backward@3", "number_sorting", "number_sorting@3"]
-    stragglers = tasks.build_scenario("stragglers", 4, 10, seed=0, local_steps=8)
+    stragglers = scenarios.build_scenario("stragglers", 4, 10, seed=0, local_steps=8)
     assert [c.local_steps for c in stragglers] == [8, 4, 2, 8]
 
 
@@ -201,7 +201,7 @@ def test_chat_examples_read_the_extracted_answer_and_forgive_the_format():
     assert tasks.correctness(chat, f"Sorted.\nAnswer: {chat.answer}") == 1.0
     assert tasks.correctness(chat, chat.answer) < 1.0  # an unmarked list: its last number is read
     assert tasks.content_correctness(chat, chat.answer) == 1.0  # the whole completion, format forgiven
-    assert tasks.format_reward(chat, "Answer: 3") == 1.0 and tasks.format_reward(chat, "3") == 0.0
-    assert tasks.format_reward(compact, compact.answer) == 1.0  # compact: the bare answer is the format
+    assert rewards.format_reward(chat, "Answer: 3") == 1.0 and rewards.format_reward(chat, "3") == 0.0
+    assert rewards.format_reward(compact, compact.answer) == 1.0  # compact: the bare answer is the format
     owner = Example("mine", "1+1=", "2", {"answer": "2"}, messages=(("system", "Mine."), ("user", "1+1=")))
     assert tasks.as_chat(owner, "Default.").messages == owner.messages  # the owner's system message is kept

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from fgrpo import tasks, userdata
+from fgrpo import rewards, tasks, userdata
 from fgrpo.cli import main
 from fgrpo.config import ConfigError
-from fgrpo.tasks import Example, GuardedReward, correctness
+from fgrpo.rewards import GuardedReward
+from fgrpo.tasks import Example, correctness
 from tiny import TINY
 
 ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(5)]
@@ -58,25 +59,25 @@ def test_parquet_and_hf_folders_with_custom_columns(tmp_path):
 
 
 def test_named_rewards():
-    assert userdata.resolve_reward("exact")("p", "  Hello   World ", "hello world") == 1.0
-    assert userdata.resolve_reward("exact")("p", "hello", "hello world") == 0.0
-    math = userdata.resolve_reward("math")
+    assert rewards.resolve_reward("exact")("p", "  Hello   World ", "hello world") == 1.0
+    assert rewards.resolve_reward("exact")("p", "hello", "hello world") == 0.0
+    math = rewards.resolve_reward("math")
     assert math("p", "the answer is $\\frac{1}{2}$", "0.5") == 1.0
     assert math("p", "0.4", "0.5") == 0.0
-    rg = userdata.resolve_reward("rg:spell_backward")
+    rg = rewards.resolve_reward("rg:spell_backward")
     assert rg("p", "olleh", "olleh") == 1.0 and rg("p", "hello", "olleh") < 1.0
-    assert userdata.resolve_reward("userdata_helpers:length_match")("p", "abc", "xyz") == 1.0
+    assert rewards.resolve_reward("userdata_helpers:length_match")("p", "abc", "xyz") == 1.0
     with pytest.raises(ConfigError, match="cannot be imported"):
-        userdata.resolve_reward("no_such_module:f")
+        rewards.resolve_reward("no_such_module:f")
     with pytest.raises(ConfigError, match="not known"):
-        userdata.resolve_reward("fuzzy")
+        rewards.resolve_reward("fuzzy")
 
 
 def test_failing_reward_scores_zero_and_is_counted():
     def flaky(prompt, completion, answer):
         return 1 / 0 if completion == "boom" else (float("nan") if completion == "nan" else 1.0)
 
-    reward = GuardedReward(userdata.OwnerReward("flaky", flaky))
+    reward = GuardedReward(rewards.OwnerReward("flaky", flaky))
     example = Example("owner", "p", "a", {})
     assert [reward(example, c) for c in ("ok", "boom", "nan", "ok")] == [1.0, 0.0, 0.0, 1.0]
     assert reward.take_failures() == (2, 4) and reward.take_failures() == (0, 0)
@@ -113,9 +114,9 @@ def test_weighted_reward_functions_combine_and_are_logged_each():
     def broken_format(example, completion):
         raise ValueError("format checker down")
 
-    example = Example("t", "q", "abc", {}, userdata.exact_match)
-    reward = GuardedReward(userdata.OwnerReward("exact", userdata.exact_match),
-                           (("format", tasks.format_reward, 0.5), ("broken", broken_format, 2.0)))
+    example = Example("t", "q", "abc", {}, rewards.exact_match)
+    reward = GuardedReward(rewards.OwnerReward("exact", rewards.exact_match),
+                           (("format", rewards.format_reward, 0.5), ("broken", broken_format, 2.0)))
     assert reward(example, "abc") == 1.0 + 0.5 * 1.0 + 0.0  # verifier + 0.5 x format; a failing part scores 0
     assert reward(example, "abc.") == 0.0 + 0.5 * 0.0
     assert reward(example, "xyz") == 0.0 + 0.5 * 1.0

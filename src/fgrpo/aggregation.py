@@ -11,7 +11,7 @@ FGRPO weights each participant by its *relative performance gain* against its ow
     baseline update:      b_k <- m * b_k + (1 - m) * r_end_k,   s_k <- m * s_k + (1 - m) * std_k
 
 ``std_k`` is the client's mean within-group reward std (``gain_spread = "group"``, the definition of
-DESIGN.md) or, in the named variant ``gain_spread = "pooled"``, the std of all its rewards in a step's
+docs/algorithm.md) or, in the named variant ``gain_spread = "pooled"``, the std of all its rewards in a step's
 rollouts, across prompts and completions. The within-group std measures how diverse the policy's
 samples for one prompt are, and GRPO drives it towards 0 as the policy turns deterministic; r_end
 still varies from round to round with the batch of prompts, so a client whose groups have collapsed
@@ -221,13 +221,6 @@ WeightFn = Callable[[list[ClientStats], dict[str, ClientBaseline], FGRPOSettings
 # the strategies that use them: fgrpo.strategies.STRATEGIES
 
 
-def apply_update(global_params: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]],
-                 weights: list[float], server_lr: float) -> dict[str, torch.Tensor]:
-    """theta_{t+1} = theta_t + eta * sum_k w_k * delta_k (new tensors; inputs untouched)."""
-    return server_step(global_params, pseudo_gradient(deltas, weights), ServerOptimizer("sgd", server_lr, 0, 0, 1),
-                       ServerOptimizerState())[0]
-
-
 def lora_product_error(global_params: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]],
                        weights: list[float]) -> float:
     """How far averaging LoRA factors separately is from averaging the updates they make.
@@ -269,6 +262,12 @@ def update_norm(delta: dict[str, torch.Tensor]) -> float:
 def pseudo_gradient(deltas: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
     """Delta = sum_k w_k * delta_k, in float32."""
     return {name: sum(w * d[name].to(torch.float32) for w, d in zip(weights, deltas)) for name in deltas[0]}
+
+
+def coordinate_median(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Delta = the coordinate-wise median of the deltas (the ``median`` strategy, a robust reference: one
+    client cannot move a coordinate beyond the others' range); for an even count, the lower middle value."""
+    return {name: torch.stack([d[name].to(torch.float32) for d in deltas]).median(dim=0).values for name in deltas[0]}
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from fgrpo.config import ConfigError, RunConfig, build_config, comma_list, config_fields
+from fgrpo.config import ConfigError, RunConfig, comma_list, config_fields
+from fgrpo.config_sources import build_config
 from fgrpo.strategies import MODIFIERS, STRATEGIES
+
+# the config keys that `fgrpo eval` takes (what is evaluated and how); the rest of a run's config does not matter
+EVAL_KEYS = ("model", "tasks", "eval_size", "max_new_tokens", "prompt_style", "system_prompt", "temperature",
+             "device", "cache_dir")
 
 
 def _option(name: str) -> str:
@@ -50,19 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "base model alone. With --adapter RUN_DIR/adapter, the run's config.toml supplies "
                         "the defaults, so the run's final per-task accuracy is reproduced.")
     ev.add_argument("--adapter", help="adapter folder (PEFT save_pretrained); omit to evaluate the base model")
-    ev.add_argument("--model", help="base model: 'embedded', 'smollm2', a folder, a hub name or a GGUF file "
-                    "(default: the adapter's base model)")
-    ev.add_argument("--tasks", help="comma-separated tasks, any reasoning-gym dataset with overrides "
-                    "(default: the run's, else the defaults)")
-    ev.add_argument("--eval-size", type=int,
-                    help="held-out prompts per task, at most 200 (default: the run's, else 200)")
-    ev.add_argument("--max-new-tokens", type=int, help="completion length (default: the run's, else 10)")
-    ev.add_argument("--prompt-style", choices=("auto", "compact", "chat"), help="default: the run's, else auto")
-    ev.add_argument("--system-prompt", help="system message of chat prompts (default: the run's, else fgrpo's)")
     ev.add_argument("--pass-k", type=int, default=0, metavar="K",
                     help="also report pass@K: K completions sampled per prompt (default: 0, off)")
-    ev.add_argument("--temperature", type=float, help="sampling temperature of pass@K (default: the run's, else 1)")
-    ev.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
+    _add_config_options(ev, only=EVAL_KEYS, default_from="the run's, else ")
     ev.set_defaults(func=cmd_eval)
 
     rep = sub.add_parser("report", help="redraw a run's plots and summary from metrics.jsonl",
@@ -82,14 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
+                        only: tuple[str, ...] | None = None, default_from: str = "") -> None:
+    """One option per config key (``--local-steps`` for ``local_steps``), its help the key's doc."""
     defaults = RunConfig()
     for f in config_fields():
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         default = getattr(defaults, f.name)
+        doc = f.metadata["doc"]
+        if f.name == "strategy":  # the registry's own list (fgrpo.config cannot import it)
+            doc += " Strategies: " + "; ".join(f"{s.name}: {s.summary}" for s in STRATEGIES.values()) + "."
         parser.add_argument(_option(f.name), dest=f.name, metavar=type(default).__name__.upper(),
-                            default=None, help=f"{f.metadata['doc']} (default: {default!r})".replace("%", "%%"))
+                            default=None, help=f"{doc} (default: {default_from}{default!r})".replace("%", "%%"))
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -98,8 +98,6 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
-    from fgrpo.runner import run_experiment
-
     if args.resume:
         extra = sorted(set(overrides) - {"rounds"}) + (["config"] if args.config else [])
         extra += ["preset"] if args.preset else []
@@ -110,19 +108,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not saved.exists():
             raise ConfigError(f"resume = {args.resume!r}: no config.toml there; give a run directory")
         cfg = build_config(saved, {**overrides, "out": args.resume})
-        run_experiment(cfg, resume=True)
-        return 0
-    if args.preset:
-        from fgrpo.compare import preset_data
-        from fgrpo.config import load_toml
+    else:
+        cfg = build_config(args.config, overrides, preset=args.preset)
+    from fgrpo.runner import run_experiment  # torch and the models: only once the config is valid
 
-        data = preset_data(args.preset)[0]
-        scenarios = data.get("compare", {}).get("scenarios", [])
-        overrides = {**({"scenario": scenarios[0]} if scenarios else {}), **data.get("run", {}),
-                     **(load_toml(args.config) if args.config else {}), **overrides}
-        run_experiment(build_config(overrides=overrides))
-        return 0
-    run_experiment(build_config(args.config, overrides))
+    run_experiment(cfg, resume=bool(args.resume))
     return 0
 
 
@@ -130,7 +120,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from datetime import datetime
 
     from fgrpo.compare import Plan, load_preset, run_comparison
-    from fgrpo.config import load_toml
 
     plan = load_preset(args.preset) if args.preset else Plan([], [], [0, 1, 2])
     if args.strategies:
@@ -148,7 +137,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("compare needs --strategies and --scenarios (or a --preset that names them)")
     if args.jobs < 1:
         raise ConfigError(f"jobs = {args.jobs} is out of range; valid: an integer >= 1")
-    plan.run = {**plan.run, **(load_toml(args.config) if args.config else {}), **_overrides(args)}
+    plan.run, plan.config_file = _overrides(args), args.config
     out = Path(args.out) if args.out else Path("compare") / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_comparison(plan, out, jobs=args.jobs)
     return 0
@@ -157,8 +146,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from fgrpo.runner import evaluate_saved
 
-    keys = ("model", "tasks", "eval_size", "max_new_tokens", "prompt_style", "system_prompt", "temperature", "device")
-    evaluate_saved(args.adapter, {key: getattr(args, key) for key in keys}, args.pass_k)
+    evaluate_saved(args.adapter, _overrides(args), args.pass_k)
     return 0
 
 

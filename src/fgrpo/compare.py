@@ -19,10 +19,8 @@ import json
 import math
 import os
 import statistics
-import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fgrpo import strategies
-from fgrpo.config import ConfigError, RunConfig, build_config
+from fgrpo.config import ConfigError, RunConfig
+from fgrpo.config_sources import build_config, preset_data
 from fgrpo.rundir import read_metrics
 
 LAST_ROUNDS = 3  # "spread over the last rounds": std of macro accuracy over the last 3 evaluations
@@ -53,25 +52,9 @@ class Plan:
     scenarios: list[str]
     seeds: list[int]
     target: float = 0.8  # macro accuracy for "rounds to target"
-    run: dict[str, Any] = field(default_factory=dict)  # config overrides shared by every run
-
-
-def preset_data(name_or_path: str) -> tuple[dict, str]:
-    """(the parsed TOML, where it came from) of a preset: a packaged name such as ``main`` or a file."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" and path.exists():
-        text, source = path.read_text(), str(path)
-    else:
-        packaged = resources.files("fgrpo") / "presets" / f"{name_or_path}.toml"
-        if not packaged.is_file():
-            known = sorted(p.name[:-5] for p in (resources.files("fgrpo") / "presets").iterdir()
-                           if p.name.endswith(".toml"))
-            raise ConfigError(f"preset {name_or_path!r}: no such file or packaged preset; packaged: {', '.join(known)}")
-        text, source = packaged.read_text(), f"preset {name_or_path}"
-    try:
-        return tomllib.loads(text), source
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{source} is not valid TOML: {err}") from None
+    run: dict[str, Any] = field(default_factory=dict)  # config keys of the command line, shared by every run
+    preset: str | None = None  # its [run] table: the layer under config_file and run (config_sources.build_config)
+    config_file: str | None = None  # a TOML file of config keys shared by every run
 
 
 def load_preset(name_or_path: str) -> Plan:
@@ -83,7 +66,7 @@ def load_preset(name_or_path: str) -> Plan:
     if missing:
         raise ConfigError(f"{source}: [compare] lacks {', '.join(missing)}")
     return Plan(list(spec["strategies"]), list(spec["scenarios"]), [int(s) for s in spec["seeds"]],
-                float(spec.get("target", 0.8)), dict(data.get("run", {})))
+                float(spec.get("target", 0.8)), preset=name_or_path)
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -100,7 +83,8 @@ def plan_runs(plan: Plan, out: Path) -> list[tuple[str, RunConfig]]:
     for scenario in plan.scenarios:
         for strategy in plan.strategies:
             for seed in plan.seeds:
-                cfg = build_config(overrides={**plan.run, **recipe(strategy), "scenario": scenario, "seed": seed})
+                cfg = build_config(plan.config_file, {**plan.run, **recipe(strategy), "scenario": scenario,
+                                                      "seed": seed}, preset=plan.preset)
                 run_dir = out / "runs" / scenario / strategy / f"seed-{seed}-{config_hash(cfg)}"
                 runs.append((strategy, replace(cfg, out=str(run_dir))))
     return runs

@@ -1,48 +1,68 @@
 """Greedy evaluation of the global model: accuracy (correctness, not any client's reward scale),
 content accuracy, the same answers forgiven their format (``tasks.content_correctness``), and the share
-of answers in the documented form (``tasks.format_reward``)."""
+of answers in the documented form (``rewards.format_reward``)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from fgrpo.grpo import generate, prompt_texts
-from fgrpo.tasks import Example, content_correctness, correctness, format_reward
+from fgrpo.rewards import format_reward
+from fgrpo.rollouts import generate, prompt_texts
+from fgrpo.tasks import Example, content_correctness, correctness
 
 
 @dataclass
 class Accuracy:
-    """Per-task greedy accuracy as the verifier judges it (``exact``), with the format forgiven (``content``),
-    and the share of answers in the documented form (``formatted``)."""
+    """Per task, counts of held-out prompts: answered right as the verifier judges it (``right``), right
+    with the format forgiven (``right_content``), in the documented form (``in_form``), of ``total``.
+    Counts, so that evaluations made in several places (Flower clients, local-only clients) add up exactly;
+    ``exact``, ``content`` and ``formatted`` are the fractions."""
 
-    exact: dict[str, float]
-    content: dict[str, float]
-    formatted: dict[str, float] = field(default_factory=dict)
+    right: dict[str, int]
+    right_content: dict[str, int]
+    in_form: dict[str, int]
+    total: dict[str, int]
+
+    @property
+    def exact(self) -> dict[str, float]:
+        return {t: self.right[t] / n for t, n in self.total.items()}
+
+    @property
+    def content(self) -> dict[str, float]:
+        return {t: self.right_content[t] / n for t, n in self.total.items()}
+
+    @property
+    def formatted(self) -> dict[str, float]:
+        return {t: self.in_form[t] / n for t, n in self.total.items()}
 
     def row(self) -> dict[str, float]:
         """The accuracy fields of an evaluation row (docs/algorithm.md, section 5)."""
-        out = {**summarize(self.exact), **{f"content_{k}": v for k, v in summarize(self.content).items()}}
-        out.update({f"accuracy/{task}": acc for task, acc in self.exact.items()})
-        out.update({f"content_accuracy/{task}": acc for task, acc in self.content.items()})
-        if self.formatted:
-            out["formatted_macro"] = sum(self.formatted.values()) / len(self.formatted)
-            out.update({f"formatted/{task}": share for task, share in self.formatted.items()})
+        exact, content, formatted = self.exact, self.content, self.formatted
+        out = {**summarize(exact), **{f"content_{k}": v for k, v in summarize(content).items()}}
+        out.update({f"accuracy/{task}": acc for task, acc in exact.items()})
+        out.update({f"content_accuracy/{task}": acc for task, acc in content.items()})
+        out["formatted_macro"] = sum(formatted.values()) / len(formatted)
+        out.update({f"formatted/{task}": share for task, share in formatted.items()})
         return out
 
     @staticmethod
-    def mean(results: list[Accuracy]) -> Accuracy:
-        """Per task, the mean over the results that have the task."""
-        def average(part: str) -> dict[str, float]:
-            values: dict[str, list[float]] = {}
-            for result in results:
-                for task, acc in getattr(result, part).items():
-                    values.setdefault(task, []).append(acc)
-            return {task: sum(v) / len(v) for task, v in values.items()}
+    def total_of(results: list[Accuracy], order: list[str] | None = None) -> Accuracy:
+        """The counts of several evaluations added up per task; tasks in ``order``, else in order of appearance
+        (with no task left, every ``total`` is empty)."""
+        tasks = order or list(dict.fromkeys(t for r in results for t in r.total))
+        parts = ("right", "right_content", "in_form", "total")
+        return Accuracy(*({t: sum(getattr(r, part).get(t, 0) for r in results) for t in tasks
+                           if any(t in r.total for r in results)} for part in parts))
 
-        return Accuracy(average("exact"), average("content"), average("formatted"))
+
+def eval_row(rnd: int, accuracy: Accuracy, seconds: float) -> dict:
+    """The metrics.jsonl row of an evaluation of the global model after round ``rnd`` (0: before training)."""
+    return {"round": rnd, "kind": "eval", **accuracy.row(), "eval_seconds": seconds,
+            "clock_seconds": time.time()}  # when this evaluation ended (Unix time): rounds' wall times
 
 
 def batch_size_for(max_new_tokens: int) -> int:
@@ -55,7 +75,7 @@ def evaluate(model, tokenizer, test_sets: dict[str, Sequence[Example]], max_new_
     fraction right with the format forgiven (``content_correctness``)."""
     model.eval()
     batch_size = batch_size_for(max_new_tokens)
-    exact, content, formatted = {}, {}, {}
+    accuracy = Accuracy({}, {}, {}, {})
     for task, examples in test_sets.items():
         right = right_content = in_form = 0
         for i in range(0, len(examples), batch_size):
@@ -64,9 +84,9 @@ def evaluate(model, tokenizer, test_sets: dict[str, Sequence[Example]], max_new_
             right += sum(correctness(e, t) >= 1.0 for e, t in zip(chunk, texts))
             right_content += sum(content_correctness(e, t) >= 1.0 for e, t in zip(chunk, texts))
             in_form += sum(format_reward(e, t) for e, t in zip(chunk, texts))
-        exact[task], content[task] = right / len(examples), right_content / len(examples)
-        formatted[task] = in_form / len(examples)
-    return Accuracy(exact, content, formatted)
+        accuracy.right[task], accuracy.right_content[task] = int(right), int(right_content)
+        accuracy.in_form[task], accuracy.total[task] = int(in_form), len(examples)
+    return accuracy
 
 
 def pass_at_k(model, tokenizer, test_sets: dict[str, Sequence[Example]], k: int, max_new_tokens: int,

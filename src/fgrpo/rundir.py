@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fgrpo.checkpoint import load_checkpoint, save_checkpoint
-from fgrpo.config import ConfigError, RunConfig, to_toml
+from fgrpo.config import ConfigError, RunConfig
+from fgrpo.config_sources import to_toml
 
 if TYPE_CHECKING:
-    from fgrpo.federation import Federation
+    from fgrpo.host import ModelHost
+    from fgrpo.server import Server
 
 
 def run_dir_path(cfg: RunConfig) -> Path:
@@ -64,15 +66,16 @@ class RunRecorder:
     the plot and summary.json. From a ``checkpoint`` the server state and the metrics it covers are
     restored (``done`` is its round)."""
 
-    def __init__(self, run_dir: Path, fed: Federation, checkpoint: Path | None = None):
-        self.run_dir, self.fed, self.cfg = run_dir, fed, fed.cfg
+    def __init__(self, run_dir: Path, cfg: RunConfig, server: Server, host: ModelHost,
+                 checkpoint: Path | None = None):
+        self.run_dir, self.cfg, self.server, self.host = run_dir, cfg, server, host
         make_run_dir(run_dir, self.cfg)
         self.board = tensorboard_writer(run_dir / "tensorboard") if self.cfg.tensorboard else None
         if checkpoint is None:
             self.done, self.metrics = 0, MetricsLog(run_dir / "metrics.jsonl")
         else:
             tensors, state = load_checkpoint(checkpoint)
-            fed.load_state(tensors, state)
+            server.load_state(tensors, state)
             self.done = state["round"]
             self.metrics = MetricsLog(run_dir / "metrics.jsonl", keep_lines=state["metrics_lines"])
 
@@ -90,13 +93,13 @@ class RunRecorder:
         """Write round ``rnd``'s rows (round 0: the evaluation before training), then its checkpoint when due."""
         self.write(rows)
         if rnd % self.cfg.checkpoint_every == 0 or rnd == self.cfg.rounds:
-            tensors, state = self.fed.state.tensors_and_json()
+            tensors, state = self.server.state.tensors_and_json()
             save_checkpoint(self.run_dir, rnd, tensors, state, len(self.metrics.rows), self.cfg.checkpoint_keep)
 
     def finish(self, wall_seconds: float) -> dict:
         """The final adapter, plots/accuracy.png and summary.json; returns the summary."""
         adapter_path = self.run_dir / "adapter"
-        self.fed.save_adapter(adapter_path)
+        self.host.save_state(self.server.state, adapter_path)
         plot_accuracy(self.metrics.rows, self.run_dir / "plots" / "accuracy.png")
         summary = build_summary(self.cfg, self.metrics.rows, wall_seconds, adapter_path)
         write_json_atomic(self.run_dir / "summary.json", summary)

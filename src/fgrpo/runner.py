@@ -1,5 +1,6 @@
-"""The in-process runtime: ``fgrpo run`` samples clients and loops over rounds of the round engine
-(``fgrpo.federation``) in one process, with progress on the terminal; ``fgrpo report`` and ``fgrpo eval``."""
+"""The in-process runtime: ``fgrpo run`` samples clients and loops over rounds of the client side
+(``fgrpo.client``) and the server side (``fgrpo.server``) on one model host (``fgrpo.host``) in one
+process, with progress on the terminal; ``fgrpo report``, ``fgrpo completions`` and ``fgrpo eval``."""
 
 from __future__ import annotations
 
@@ -14,11 +15,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fgrpo import tasks
 from fgrpo.checkpoint import latest_checkpoint
-from fgrpo.config import ConfigError, RunConfig, build_config
-from fgrpo.federation import Federation, sample_participants, warning_row
+from fgrpo.client import ClientTrainer
+from fgrpo.config import ConfigError, RunConfig
+from fgrpo.config_sources import build_config
+from fgrpo.host import ModelHost
+from fgrpo.probes import probe_judge
+from fgrpo.report import warning_row
 from fgrpo.rundir import RunRecorder, build_summary, plot_accuracy, run_dir_path, write_json_atomic
+from fgrpo.scenarios import ClientSpec, centralized_client, client_tasks, load_clients
+from fgrpo.server import Server, sample_participants
 
 
 def quiet_libraries() -> None:
@@ -31,12 +37,32 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
 
 
-class InProcessFederation(Federation):
-    """The in-process runtime: the round engine plus who takes part in a round and the loop over them."""
+class InProcessRun:
+    """The in-process runtime: one model host that the client side and the server side share, every
+    client's data and the held-out splits, and the loop of a round over them."""
 
-    def sample_clients(self, rnd: int) -> list[tasks.ClientSpec]:
-        """This round's participants (the pooled client, for a strategy that pools every client's data)."""
-        if self.strategy.clients == "pooled":
+    def __init__(self, cfg: RunConfig, progress=None, samples_dir: Path | None = None):
+        self.host = ModelHost(cfg, progress)
+        self.cfg = self.host.cfg  # the prompt style resolved for the model
+        self.clients, self.test_sets, self.notes = load_clients(self.cfg, self.host.prompt_style)
+        self.client_tasks = client_tasks(self.clients, self.test_sets)
+        self.trainer = ClientTrainer(self.cfg, self.host)
+        judge = probe_judge(self.cfg, self.host, list(self.test_sets) or self.cfg.task_list)
+        self.server = Server(self.cfg, self.host.adapter(), [c.client_id for c in self.clients], judge)
+        self.pooled = centralized_client(self.clients, self.cfg) if self.server.mode.pooled else None
+        self.samples_dir = samples_dir  # where clients keep their sample completions (None: nowhere)
+
+    @property
+    def global_adapter(self):
+        return self.server.global_adapter
+
+    @property
+    def client_baselines(self):
+        return self.server.state.client_baselines
+
+    def participants(self, rnd: int) -> list[ClientSpec]:
+        """This round's clients (the pooled client, for a strategy that pools every client's data)."""
+        if self.pooled is not None:
             return [self.pooled]
         return sample_participants(self.clients, self.cfg.fraction, self.cfg.seed, rnd)
 
@@ -44,14 +70,21 @@ class InProcessFederation(Federation):
         """Train the sampled clients, aggregate, evaluate if due; return the round's metric rows.
         A client that raises is left out of the round with a warning row."""
         updates, failed = [], []
-        for client in self.sample_clients(rnd):
+        for client in self.participants(rnd):
             try:
-                updates.append(self.train_client(client, rnd, self.state.local_adapters.get(client.client_id)))
+                start = self.server.start_adapter(client.client_id)
+                updates.append(self.trainer.train(client, rnd, start, self.samples_dir))
             except Exception as err:  # one data owner's failure must not end the round
                 failed.append(warning_row(rnd, client.client_id, f"raised {type(err).__name__}: {err}"))
             if on_client_done:
                 on_client_done(client)
-        return self.finish_round(rnd, updates, failed)
+        rows = self.server.finish_round(rnd, updates, failed)
+        if self.server.eval_due(rnd) and self.test_sets:
+            rows.append(self.eval_row(rnd))
+        return rows
+
+    def eval_row(self, rnd: int) -> dict:
+        return self.host.eval_row(rnd, self.server.state, self.test_sets, self.client_tasks)
 
 
 def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool = False) -> dict:
@@ -72,31 +105,30 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, resume: bool 
         raise ConfigError(f"out = {str(run_dir)!r} already holds a run; continue it with --resume "
                           f"{run_dir} or choose another --out")
     with _progress(console) as progress:
-        fed = InProcessFederation(cfg, progress=progress)
+        run = InProcessRun(cfg, progress=progress, samples_dir=run_dir / "completions")  # the clients' side
         console.print(f"[bold]fgrpo run[/bold]: {cfg.strategy} on {cfg.scenario}, model {cfg.model}, "
-                      f"{len(fed.clients)} clients, {cfg.rounds} rounds, seed {cfg.seed} -> {run_dir}")
-        for note in fed.notes:
+                      f"{len(run.clients)} clients, {cfg.rounds} rounds, seed {cfg.seed} -> {run_dir}")
+        for note in run.notes:
             console.print(f"[yellow]data[/yellow]: {note}")
-        record = RunRecorder(run_dir, fed, checkpoint)
-        fed.completions_dir = run_dir / "completions"  # the clients' side, in one process
+        record = RunRecorder(run_dir, run.cfg, run.server, run.host, checkpoint)
         if checkpoint is not None:
-            drop_samples_after(fed.completions_dir, record.done)  # rounds the resumed run trains again
+            drop_samples_after(run.samples_dir, record.done)  # rounds the resumed run trains again
             console.print(f"resumed from {checkpoint} (round {record.done} of {cfg.rounds})")
         else:
-            row = fed.eval_row(0)
+            row = run.eval_row(0)
             record.end_round(0, [row])
             console.print(f"round 0: macro accuracy {row['macro_accuracy']:.3f}  "
                           + "  ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in row.items()
                                       if k.startswith("accuracy/")))
         bar = progress.add_task("rounds", total=cfg.rounds, completed=record.done)
-        clients_bar = progress.add_task("clients", total=len(fed.sample_clients(1)))
+        clients_bar = progress.add_task("clients", total=len(run.participants(1)))
         for rnd in range(record.done + 1, cfg.rounds + 1):
             progress.reset(clients_bar)
             t0 = time.perf_counter()
-            rows = fed.run_round(rnd, on_client_done=lambda c: progress.advance(clients_bar))
+            rows = run.run_round(rnd, on_client_done=lambda c: progress.advance(clients_bar))
             record.end_round(rnd, rows)
             console.print(_round_table(rnd, rows, time.perf_counter() - t0))
-            _print_warnings(console, fed, rnd, rows)
+            _print_warnings(console, run, rnd, rows)
             progress.advance(bar)
     summary = record.finish(time.perf_counter() - start)
     console.print(_summary_table(summary))
@@ -116,18 +148,18 @@ def drop_samples_after(folder: Path, rnd: int) -> None:
         tmp.replace(path)
 
 
-def _print_warnings(console: Console, fed: Federation, rnd: int, rows: list[dict]) -> None:
+def _print_warnings(console: Console, run: InProcessRun, rnd: int, rows: list[dict]) -> None:
     """Clients left out of the round, verifiers that failed on every sample, and clients whose
     completions were mostly cut at max_new_tokens (their rewards then say little about the task)."""
     for r in rows:
         if r.get("truncated_fraction", 0.0) > TRUNCATION_WARNING:
             console.print(f"[yellow]warning[/yellow]: round {rnd}: client {r['client_id']}: "
                           f"{100 * r['truncated_fraction']:.0f}% of its completions were cut at max_new_tokens = "
-                          f"{fed.cfg.max_new_tokens} (a cut answer usually scores 0); raise --max-new-tokens")
+                          f"{run.cfg.max_new_tokens} (a cut answer usually scores 0); raise --max-new-tokens")
         if r["kind"] == "warning":
             console.print(f"[yellow]warning[/yellow]: round {rnd}: {r['client_id']} left out: {r['reason']}")
         if r.get("reward_failures") == 1.0:
-            reward = next(c.reward for c in fed.clients if c.client_id == r["client_id"])
+            reward = next(c.reward for c in [*run.clients, *run.participants(rnd)] if c.client_id == r["client_id"])
             console.print(f"[red]warning[/red]: client {r['client_id']}: its reward {reward.name!r} failed on "
                           f"every sample this round (all scored 0), last error: {reward.last_error}")
 
@@ -234,23 +266,21 @@ def evaluate_saved(adapter: str | None, overrides: dict, pass_k: int = 0,
     from peft import PeftModel
 
     from fgrpo.evaluation import evaluate, pass_at_k
-    from fgrpo.federation import load_clients
     from fgrpo.model import load_base, resolve_device, resolve_prompt_style
+    from fgrpo.scenarios import load_clients
 
     quiet_libraries()
     console = console or Console()
     run_config = Path(adapter).parent / "config.toml" if adapter else None
-    cfg = build_config(run_config) if run_config and run_config.exists() else RunConfig()
-    model = overrides.get("model")
-    if model is None and adapter is not None:
+    run_config = run_config if run_config is not None and run_config.exists() else None
+    if overrides.get("model") is None and adapter is not None:
         config_path = Path(adapter) / "adapter_config.json"
         if not config_path.exists():
             raise ConfigError(f"adapter = {adapter!r}: no adapter_config.json there; give the folder a run "
                               "saved as RUN_DIR/adapter")
-        model = cfg.model if run_config and run_config.exists() else json.loads(
-            config_path.read_text())["base_model_name_or_path"]
-    cfg = build_config(overrides={**cfg.to_dict(), **{k: v for k, v in {**overrides, "model": model}.items()
-                                                      if v is not None}})
+        if run_config is None:  # an adapter saved elsewhere: its own base model
+            overrides = {**overrides, "model": json.loads(config_path.read_text())["base_model_name_or_path"]}
+    cfg = build_config(run_config, overrides)  # defaults < the run's config.toml < the command line
     if pass_k < 0:
         raise ConfigError(f"pass_k = {pass_k} is out of range; valid: 0 (off) or an integer >= 1")
     base, tokenizer = load_base(cfg.model, resolve_device(cfg.device), cfg.warm_start_steps, cfg.cache_dir,

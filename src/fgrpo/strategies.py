@@ -2,55 +2,70 @@
 
 A *strategy* (``--strategy``) is one idea of the server:
 
-    weigh     statistics -> weights w_k (a pure function of ``fgrpo.aggregation``), or None when the
-              server combines nothing (``local-only``)
-    clients   "global": the sampled clients train from the global adapter (every federated strategy)
-              "pooled": one client holds every client's prompts (the ``centralized`` reference)
-              "own":    each client keeps its own adapter, never aggregated (the ``local-only`` reference)
-    adaptive  whether the weights depend on the round's statistics (``fgrpo compare`` plots them)
+    weighting  the name of a pure weight function of ``fgrpo.aggregation`` (statistics -> weights w_k),
+               or None when the server combines nothing (``local-only``)
+    mode       who trains from what, and whether there are weights (``Mode``): decided here, once
+    adaptive   whether the weights depend on the round's statistics (``fgrpo compare`` plots them)
 
 A *modifier* composes with any weighting through config settings: ``fedprox`` (a client-side
 proximal term), ``fedadam`` / ``fedyogi`` (a server optimizer on the weighted pseudo-gradient).
 ``recipe`` turns a comparison's strategy name (``fgrpo+fedadam[tau=0.3]``) into config settings.
-Formulas: docs/algorithm.md, section 3.
+This module imports no torch (the command line lists the strategies at once); formulas:
+docs/algorithm.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
-from fgrpo import aggregation
+
+class Mode(Enum):
+    """How a strategy's clients start, who trains, and whether the server weighs their updates."""
+
+    FEDERATED = ("global", False, True)  # the sampled clients train from the global adapter; weighted merge
+    POOLED = ("global", True, True)  # one client holding every client's prompts trains the global adapter
+    LOCAL_ONLY = ("own", False, False)  # each client trains its own adapter, never merged
+
+    def __init__(self, start: str, pooled: bool, weighted: bool):
+        self.start = start  # "global": from the global adapter; "own": from the client's own adapter
+        self.pooled = pooled  # True: every client's prompts in one client (the server sees no owner apart)
+        self.weighted = weighted  # False: no weights, no baselines, no server step
 
 
 @dataclass(frozen=True)
 class Strategy:
     name: str
     summary: str  # one line for the CLI help and the docs
-    weigh: aggregation.WeightFn | None  # None: no aggregation
-    clients: str = "global"  # "global" | "pooled" | "own"
+    weighting: str | None  # a weight function of fgrpo.aggregation, by name; None: no aggregation
+    mode: Mode = Mode.FEDERATED
     adaptive: bool = False
+    combine: str = "weighted"  # how the server merges the deltas: "weighted" sum_k w_k delta_k, or "median"
 
     @property
-    def federated(self) -> bool:
-        """Clients train from a global model that the server updates from their deltas (DP and
-        secure aggregation protect exactly that)."""
-        return self.clients == "global"
+    def weigh(self):
+        """The weight function (``fgrpo.aggregation.<weighting>``; imported here, with torch, when used)."""
+        from fgrpo import aggregation
+
+        return getattr(aggregation, self.weighting)
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy("fgrpo", "w_k ∝ p_k^alpha exp(g_k / tau), g_k the relative gain over the client's own baseline",
-             aggregation.fgrpo, adaptive=True),
-    Strategy("fedavg", "w_k = n_k / sum n", aggregation.fedavg),
-    Strategy("uniform", "w_k = 1 / |S|", aggregation.uniform),
+             "fgrpo", adaptive=True),
+    Strategy("fedavg", "w_k = n_k / sum n", "fedavg"),
+    Strategy("uniform", "w_k = 1 / |S|", "uniform"),
     Strategy("reward-weighted", "w_k ∝ max(r_end_k, 0): raw rewards, the scale-sensitive strawman",
-             aggregation.reward_weighted, adaptive=True),
+             "reward_weighted", adaptive=True),
     Strategy("gain-no-baseline", "w_k = softmax((r_end_k - r_start_k) / tau): gain without a personal baseline",
-             aggregation.gain_no_baseline, adaptive=True),
+             "gain_no_baseline", adaptive=True),
+    Strategy("median", "reference: the coordinate-wise median of the deltas (robust to a minority of bad "
+             "updates; rows show uniform weights)", "uniform", combine="median"),
     Strategy("centralized", "reference: every client's prompts pooled in one model, same steps per round",
-             aggregation.fedavg, clients="pooled"),
+             "fedavg", mode=Mode.POOLED),
     Strategy("local-only", "reference: each client trains alone and is evaluated on its own tasks",
-             None, clients="own"),
+             None, mode=Mode.LOCAL_ONLY),
 ]}
 
 FEDPROX_MU = 0.01  # FedProx weight of the `fedprox` recipes, tuned over {0.01, 0.1, 1} on scale-skew and
@@ -100,10 +115,3 @@ def recipe(name: str) -> dict[str, Any]:
                              "weighting+modifier such as fgrpo+fedadam")
         out.update(MODIFIERS[mod].settings)
     return {**out, **settings}
-
-
-def help_text() -> str:
-    """The strategies and modifiers, one per line (CLI help and docs)."""
-    lines = [f"{s.name}: {s.summary}" for s in STRATEGIES.values()]
-    lines += [f"+{m.name}: {m.summary}" for m in MODIFIERS.values()]
-    return "\n".join(lines)

@@ -1,19 +1,15 @@
-"""Tasks, verifiable rewards and the named non-IID scenarios.
+"""The task catalogue and its splits, the prompts, and the reading and scoring of answers.
 
-Prompts and answers come from reasoning-gym's procedural generators, and correctness is
-reasoning-gym's own scorer (``score_answer``). A task is any reasoning-gym dataset by name, with
-config overrides and a difficulty level: ``dataset[@level][:key=value,...]``
-(``basic_arithmetic:max_terms=2,min_digits=1``, ``chain_sum@2``). Its prompt is reasoning-gym's English
-question, and the answer is read from the completion by ``extract_answer``.
+A task is any reasoning-gym dataset by name, with config overrides and a difficulty level:
+``dataset[@level][:key=value,...]`` (``basic_arithmetic:max_terms=2,min_digits=1``, ``chain_sum@2``). Its prompt
+is reasoning-gym's English question; four families also have a *compact* prompt, rendered from the entry's
+metadata for the tiny character-level default model (``rev:neon=``), where the whole completion is the answer.
+A chat model (``as_chat``) gets every task's English question in chat messages, after a system prompt that asks
+for the answer in a fixed form. ``extract_answer`` reads the answer; ``correctness`` scores it with reasoning-gym's
+own scorer (``score_answer``) or a data owner's verifier. Rewards: ``fgrpo.rewards``; scenarios: ``fgrpo.scenarios``.
 
-Four families also have a *compact* prompt, rendered from the entry's metadata for the tiny
-character-level default model (``rev:neon=`` for "Spell this word backward: neon"), where the
-whole completion is the answer. For a chat model (``as_chat``) every task is its English question
-in chat messages, with a system prompt that asks for the answer in a fixed form.
-
-Splits: each task's held-out test split is fixed (its own seed, independent of the run seed) so
-that accuracies are comparable across runs; training prompts and the warm-start examples are drawn
-with other seeds and never contain a test prompt.
+Splits: each task's held-out test split is fixed (its own seed, not the run's), so accuracies compare across runs;
+training prompts and the warm-start examples are drawn with other seeds and never contain a test prompt.
 """
 
 from __future__ import annotations
@@ -22,9 +18,7 @@ import ast
 import dataclasses
 import difflib
 import math
-import random
 import re
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -33,6 +27,11 @@ from typing import Any
 import reasoning_gym
 from reasoning_gym.factory import DATASETS, create_curriculum, has_curriculum
 
+from fgrpo.config import (  # noqa: F401  (task lists are config text)
+    DEFAULT_SYSTEM_PROMPT,  # noqa: F401  (the prompt's home is the config)
+    split_tasks,
+    top_level_split,
+)
 from fgrpo.seeds import derived_seed
 
 
@@ -60,6 +59,9 @@ class Example:
     verifier: Callable[[str, str, str], float] | None = field(default=None, compare=False, repr=False)
     # chat messages ((role, content), ...) rendered with the tokenizer's chat template; None: ``prompt`` as is
     messages: tuple[tuple[str, str], ...] | None = field(default=None, compare=False)
+    # a data owner's row as TRL's reward functions see it: "prompt" (its text, or its messages as
+    # [{"role", "content"}, ...]) and its other columns; kept on the owner's side, never sent anywhere
+    columns: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 TASKS: dict[str, TaskFamily] = {
@@ -128,43 +130,13 @@ class TaskError(ValueError):
     """A task name, override key or value that reasoning-gym does not accept (one line for the user)."""
 
 
-def _top_level_split(text: str) -> list[str]:
-    """``text`` split at the commas outside brackets and quotes (``a=1,b=('+', '-')`` -> two items)."""
-    items, depth, quote, start = [], 0, "", 0
-    for i, char in enumerate(text):
-        if quote:
-            quote = "" if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char in "([{":
-            depth += 1
-        elif char in ")]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    return [*items, text[start:]]
-
-
-def split_tasks(text: str) -> list[str]:
-    """The tasks of a comma-separated list, where a ``key=value`` item belongs to the task before it:
-    ``basic_arithmetic:max_terms=2,min_digits=1,chain_sum`` -> two tasks."""
-    out: list[str] = []
-    for item in (x.strip() for x in _top_level_split(text)):
-        if item and "=" in item and ":" not in item and out:
-            out[-1] += "," + item
-        elif item:
-            out.append(item)
-    return out
-
-
 def parse_task(task: str) -> tuple[str, int | None, dict[str, Any]]:
     """(dataset, difficulty level or None, config overrides) of ``dataset[@level][:key=value,...]``;
     values are Python literals (``3``, ``0.5``, ``('+', '-')``) or else strings."""
     head, _, tail = task.partition(":")
     name, _, level = head.strip().partition("@")
     overrides: dict[str, Any] = {}
-    for item in filter(None, (x.strip() for x in _top_level_split(tail))):
+    for item in filter(None, (x.strip() for x in top_level_split(tail))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise TaskError(f"tasks: {task!r}: override {item!r} is not key=value")
@@ -205,8 +177,7 @@ def family(task: str) -> TaskFamily:
         raise TaskError(f"tasks: {task!r}: reasoning-gym rejects the config {config}: {reason}") from None
     if name in TASKS:  # a compact family with other settings keeps its compact form
         return replace(TASKS[name], name=task, rg_config=config)
-    return TaskFamily(task, config, lambda e: e["question"], lambda e: str(e["answer"]), extract_answer,
-                      compact=False)
+    return TaskFamily(task, config, lambda e: e["question"], lambda e: str(e["answer"]), extract_answer, compact=False)
 
 
 def difficulty_config(name: str, level: int) -> dict[str, Any]:
@@ -227,20 +198,6 @@ def difficulty_config(name: str, level: int) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("seed", "size")}
 
 
-def with_level(task: str, level: int) -> str:
-    """The task at a difficulty level: ``basic_arithmetic:max_terms=2`` -> ``basic_arithmetic@2:max_terms=2``."""
-    head, colon, tail = task.partition(":")
-    return f"{head.partition('@')[0]}@{level}{colon}{tail}"
-
-
-def level_count(task: str) -> int:
-    """How many difficulty levels ``difficulty-skew`` can give a task's dataset (0: none)."""
-    name = parse_task(task)[0]
-    if name in DIFFICULTY_LEVELS:
-        return len(DIFFICULTY_LEVELS[name])
-    return min(3, curriculum_levels(name)) if name in DATASETS and has_curriculum(name) else 0
-
-
 def curriculum_levels(name: str) -> int:
     """Levels of a reasoning-gym curriculum: those every one of its attributes has."""
     return min(len(a.levels) for a in create_curriculum(name).attributes.values())
@@ -253,8 +210,6 @@ def _scorer(task: str):
 
 
 ANSWER_PREFIX = "Answer:"
-DEFAULT_SYSTEM_PROMPT = ("Solve the task. Keep it short. End with the final answer on its own line as: "
-                         "Answer: <answer>")
 # "Answer:", "the answer is", "The final answer to the problem is" (at most 40 characters between)
 _MARKED = re.compile(r"\banswer\b(?:\s*:|[^.:\n]{0,40}?\bis\b\s*:?)\s*", flags=re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
@@ -304,6 +259,12 @@ def _clean(answer: str) -> str:
     return answer.removesuffix(".").strip()
 
 
+def content_answer(completion: str) -> str:
+    """The answer with its format forgiven: surrounding white space and one trailing period removed
+    (``" paos. "`` -> ``"paos"``). The one rule behind every ``content_*`` accuracy and the format reward."""
+    return completion.strip().removesuffix(".").strip()
+
+
 def as_chat(example: Example, system_prompt: str) -> Example:
     """The example as a chat model sees it: its English question (reasoning-gym's, or the owner's prompt)
     as the user message after ``system_prompt`` ("" for none); an owner's own messages are kept, with
@@ -324,6 +285,18 @@ def reads_extracted(example: Example) -> bool:
     if example.messages is not None:
         return True
     return example.verifier is None and not family(example.task).compact  # an owner's task is no dataset
+
+
+def guarded_call(verifier: Callable[..., float], *args) -> tuple[float, str | None]:
+    """(score, None), or (0.0, what went wrong) when the verifier raises or returns a non-finite value:
+    a verifier's bug or outage costs one sample, never the client."""
+    try:
+        value = float(verifier(*args))
+    except Exception as err:
+        return 0.0, f"{type(err).__name__}: {err}"
+    if not math.isfinite(value):
+        return 0.0, f"non-finite value {value}"
+    return value, None
 
 
 def correctness(example: Example, completion: str) -> float:
@@ -351,8 +324,7 @@ def content_correctness(example: Example, completion: str) -> float:
 
 def generate_examples(task: str, n: int, seed: int, exclude: frozenset[str] = frozenset(),
                       distinct: bool = True) -> list[Example]:
-    """``n`` examples of ``task`` whose prompts are not in ``exclude`` (and, if ``distinct``,
-    not repeated)."""
+    """``n`` examples of ``task`` whose prompts are not in ``exclude`` (and, if ``distinct``, not repeated)."""
     fam = family(task)
     out: list[Example] = []
     seen = set(exclude)
@@ -401,288 +373,4 @@ def _held_out(task: str) -> tuple[Example, ...]:
 def train_split(task: str, size: int, seed: int, salt: str = "train") -> list[Example]:
     """Training prompts of a task (repeats allowed), disjoint from its whole test split."""
     exclude = frozenset(e.prompt for e in _held_out(task))
-    return generate_examples(task, size, seed=derived_seed(salt, task, seed), exclude=exclude,
-                             distinct=False)
-
-
-# --- rewards: each client's verifier on its own scale ------------------------------------------
-
-RewardFn = Callable[[Example, str], float]
-
-
-@dataclass(frozen=True)
-class RewardScale:
-    """How a client turns correctness into its reward; ``range`` = max reward - min reward it can give
-    (declared: only differential privacy on the statistics uses it, as a bound that depends on no data)."""
-
-    name: str
-    range: float
-
-    def __call__(self, example: Example, completion: str) -> float:
-        score = correctness(example, completion)
-        if self.name == "x1":
-            return score
-        if self.name == "x10":
-            return 10.0 * score
-        if self.name == "partial":  # character-level partial credit in [0, 1]
-            return difflib.SequenceMatcher(None, completion.strip(), example.answer).ratio()
-        if self.name == "signed":
-            return 1.0 if score >= 1.0 else -1.0
-        raise ValueError(f"unknown reward scale {self.name!r}")
-
-
-def content_answer(completion: str) -> str:
-    """The answer with its format forgiven: surrounding white space and one trailing period removed
-    (``" paos. "`` -> ``"paos"``). The one rule behind every ``content_*`` accuracy and the format reward."""
-    return completion.strip().removesuffix(".").strip()
-
-
-def format_reward(example: Example, completion: str) -> float:
-    """1 when the answer has the documented form, else 0: compact, the completion is its answer and nothing
-    else (``content_answer`` leaves it as it is); chat and English prompts, it marks its answer
-    (``marked_answer``, the system prompt asks for "Answer: <answer>")."""
-    if reads_extracted(example):
-        return float(marked_answer(completion) is not None)
-    return float(bool(completion) and content_answer(completion) == completion)
-
-
-def guarded_call(verifier: Callable[..., float], *args) -> tuple[float, str | None]:
-    """(score, None), or (0.0, what went wrong) when the verifier raises or returns a non-finite value:
-    a verifier's bug or outage costs one sample, never the client."""
-    try:
-        value = float(verifier(*args))
-    except Exception as err:
-        return 0.0, f"{type(err).__name__}: {err}"
-    if not math.isfinite(value):
-        return 0.0, f"non-finite value {value}"
-    return value, None
-
-
-class GuardedReward:
-    """Every client's reward as training sees it: a sample whose reward raises or is not finite
-    scores 0 and is counted (``take_failures``); one bad sample never stops a client. It also keeps the
-    lowest and highest reward given since ``take_observed_range`` was last called: the range a client
-    reports is what its verifier actually produced, so no verifier needs to declare a scale.
-
-    ``extra``: further reward functions with weights, (name, function, weight): the reward is
-    r = r_verifier + sum_j weight_j * r_j, and each component's mean is logged (``take_components``)."""
-
-    def __init__(self, reward: RewardFn, extra: tuple[tuple[str, RewardFn, float], ...] = ()):
-        self.reward, self.extra = reward, extra
-        self.name = getattr(reward, "name", "custom")
-        # for DP on the statistics only
-        self.declared_range = getattr(reward, "range", 1.0) + sum(abs(w) for _, _, w in extra)
-        self.failures = self.calls = 0
-        self.last_error = ""
-        self.low, self.high = math.inf, -math.inf
-        self.component_sums: dict[str, float] = {}
-        self.component_calls = 0
-
-    def __call__(self, example: Example, completion: str) -> float:
-        self.calls += 1
-        value, error = guarded_call(self.reward, example, completion)
-        if error is not None:
-            self.failures += 1
-            self.last_error = error
-        if self.extra:
-            self.component_calls += 1
-            self.component_sums["reward/verifier"] = self.component_sums.get("reward/verifier", 0.0) + value
-            for name, fn, weight in self.extra:
-                part = guarded_call(fn, example, completion)[0]
-                self.component_sums[f"reward/{name}"] = self.component_sums.get(f"reward/{name}", 0.0) + part
-                value += weight * part
-        self.low, self.high = min(self.low, value), max(self.high, value)
-        return value
-
-    def take_components(self) -> dict[str, float]:
-        """Mean of each reward component (unweighted) since the last call; empty without ``extra``."""
-        out = {k: v / self.component_calls for k, v in self.component_sums.items()} if self.component_calls else {}
-        self.component_sums, self.component_calls = {}, 0
-        return out
-
-    def take_observed_range(self) -> float:
-        """max - min of the rewards given since the last call (0 when none or all equal)."""
-        out = self.high - self.low if self.high >= self.low else 0.0
-        self.low, self.high = math.inf, -math.inf
-        return out
-
-    def take_failures(self) -> tuple[int, int]:
-        """(failed samples, all samples) since the last call."""
-        out = (self.failures, self.calls)
-        self.failures = self.calls = 0
-        return out
-
-
-REWARD_SCALES = {s.name: s for s in [RewardScale("x1", 1.0), RewardScale("x10", 10.0),
-                                     RewardScale("partial", 1.0), RewardScale("signed", 2.0)]}
-
-
-@dataclass(frozen=True)
-class NoisyReward:
-    """A flaky verifier: on a pseudo-random ``noise`` share of (prompt, completion) pairs it pays a coin
-    flip (0 or 1) instead of correctness. Which pairs, and the flip, are a hash of the pair and
-    ``salt``: the same answer always gets the same reward, so runs stay reproducible and resumable."""
-
-    noise: float
-    salt: str
-    name: str = "noisy"
-    range: float = 1.0
-
-    def __call__(self, example: Example, completion: str) -> float:
-        if derived_seed(self.salt, example.prompt, completion) / 2**31 < self.noise:
-            return float(derived_seed(self.salt, "flip", example.prompt, completion) % 2)
-        return correctness(example, completion)
-
-
-@dataclass(frozen=True)
-class InvertedReward:
-    """A verifier that is wrong in a systematic way: it pays 1 for a wrong answer and 0 for a right one."""
-
-    name: str = "inverted"
-    range: float = 1.0
-
-    def __call__(self, example: Example, completion: str) -> float:
-        return 1.0 - correctness(example, completion)
-
-
-# Tasks the embedded model cannot solve (pass@8 = 0 measured, docs/embedded-default.md): the stalled
-# clients of the ``stalled`` scenario hold them.
-STALLED_TASKS = ("spell_backward@3", "number_sorting@3", "word_sorting")
-
-
-@dataclass
-class ClientSpec:
-    client_id: str
-    task: str  # the client's task, or a short description of its mixture of tasks
-    reward: RewardFn
-    train: list[Example]
-    local_steps: int | None = None  # None: the run's local_steps (quantity-skew scales it)
-
-
-def build_scenario(name: str, num_clients: int, train_size: int, seed: int,
-                   tasks: tuple[str, ...] = DEFAULT_TASKS, dirichlet_alpha: float = 0.5,
-                   local_steps: int = 10, reward_noise: float = 0.5) -> list[ClientSpec]:
-    """Clients of a named scenario (README, "Scenarios").
-
-    - ``task-skew``: client k holds task ``tasks[k % len(tasks)]``, reward = correctness.
-    - ``scale-skew``: task-skew, and client k's verifier emits rewards on its own scale,
-      cycling through x1, x10, partial credit in [0, 1], and -1/+1.
-    - ``difficulty-skew``: one family (``tasks[0]``); client k holds difficulty level
-      ``k % 3 + 1`` of it (``spell_backward@1`` .. ``@3``), reward = correctness.
-    - ``dirichlet``: a pool of ``num_clients * train_size`` prompts, equal parts of every task,
-      split by flwr-datasets' DirichletPartitioner: client mixtures of tasks ~ Dir(alpha).
-    - ``quantity-skew``: an IID pool split by flwr-datasets' SizePartitioner into sizes falling
-      geometrically from ``train_size`` to ``train_size / 10``; a client's local steps per round
-      scale with its size (as epochs over its data would), so n_k differs 10x too.
-    - ``noisy-verifiers``: task-skew; cycling over four kinds of verifier: honest, flaky on a
-      ``reward_noise`` share of answers (two clients of four, ``NoisyReward``), and wrong in a
-      systematic way (pays for wrong answers, ``InvertedReward``).
-    - ``stalled``: even clients hold the tasks, odd clients a task the model cannot solve yet
-      (``STALLED_TASKS``: no learning signal).
-    - ``stragglers``: task-skew, local work per round cycling over full, half and a quarter of
-      ``local_steps`` (run it with ``fraction`` < 1 for partial participation).
-    """
-    if name not in ("scale-skew", "task-skew", "difficulty-skew", "dirichlet", "quantity-skew", "noisy-verifiers",
-                    "stalled", "stragglers"):
-        raise ValueError(f"unknown scenario {name!r}")
-    if name in ("dirichlet", "quantity-skew"):
-        return _pooled_scenario(name, num_clients, train_size, seed, tasks, dirichlet_alpha, local_steps)
-    clients = []
-    for k in range(num_clients):
-        task, reward, steps = _client_of(name, k, tasks, local_steps, reward_noise)
-        train = train_split(task, train_size, seed=seed, salt=f"client{k}")
-        clients.append(ClientSpec(f"client-{k}", task, reward, train, steps))
-    return clients
-
-
-def _client_of(name: str, k: int, tasks: tuple[str, ...], local_steps: int, reward_noise: float,
-               ) -> tuple[str, RewardFn, int | None]:
-    """(task, reward, local steps or None) of client k of a named scenario that is not split from a pool."""
-    if name == "difficulty-skew":
-        levels = level_count(tasks[0])
-        if not levels:
-            raise ValueError(f"difficulty-skew: task {tasks[0]!r} has no difficulty levels; choose a compact "
-                             f"family ({', '.join(DIFFICULTY_LEVELS)}) or a reasoning-gym dataset with a curriculum")
-        task = with_level(tasks[0], k % levels + 1)
-    elif name == "stalled":
-        task = STALLED_TASKS[k // 2 % len(STALLED_TASKS)] if k % 2 else tasks[k // 2 % len(tasks)]
-    else:
-        task = tasks[k % len(tasks)]
-    reward, steps = REWARD_SCALES["x1"], None
-    if name == "scale-skew":
-        reward = list(REWARD_SCALES.values())[k % len(REWARD_SCALES)]
-    elif name == "noisy-verifiers" and k % 4 in (1, 2):
-        reward = NoisyReward(reward_noise, f"client-{k}")
-    elif name == "noisy-verifiers" and k % 4 == 3:
-        reward = InvertedReward()
-    elif name == "stragglers":
-        steps = max(1, local_steps // 2 ** (k % 3))
-    return task, reward, steps
-
-
-def _pooled_scenario(name: str, num_clients: int, train_size: int, seed: int, tasks: tuple[str, ...],
-                     alpha: float, local_steps: int) -> list[ClientSpec]:
-    """Split one pool of prompts (every task in equal parts) with a flwr-datasets partitioner."""
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, SizePartitioner
-
-    if name == "dirichlet":
-        sizes = None
-        pool_size = num_clients * train_size
-    else:
-        ratio = 10.0 ** (-1 / max(num_clients - 1, 1))  # largest / smallest = 10
-        sizes = [max(1, round(train_size * ratio**k)) for k in range(num_clients)]
-        pool_size = sum(sizes)
-    per_task = -(-pool_size // len(tasks))
-    pool = [e for t in tasks for e in train_split(t, per_task, seed=seed, salt="pool")]
-    rng = random.Random(derived_seed("pool-order", seed))
-    rng.shuffle(pool)
-    pool = pool[:pool_size]
-    table = Dataset.from_dict({"index": list(range(len(pool))), "task": [e.task for e in pool]})
-    if sizes is None:
-        partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by="task", alpha=alpha,
-                                           min_partition_size=max(1, train_size // 20), seed=seed)
-    else:
-        partitioner = SizePartitioner(partition_sizes=sizes)
-    partitioner.dataset = table
-    clients = []
-    for k in range(num_clients):
-        train = [pool[i] for i in partitioner.load_partition(k)["index"]]
-        steps = None if sizes is None else max(1, round(local_steps * sizes[k] / sizes[0]))
-        clients.append(ClientSpec(f"client-{k}", describe_mixture(train), REWARD_SCALES["x1"], train, steps))
-    return clients
-
-
-def describe_mixture(examples: list[Example]) -> str:
-    """``spell_backward 70% + number_sorting 30%``, or the task name alone for one task."""
-    counts = Counter(e.task for e in examples)
-    if len(counts) == 1:
-        return next(iter(counts))
-    return " + ".join(f"{t} {100 * n / len(examples):.0f}%" for t, n in counts.most_common())
-
-
-class RoutedReward:
-    """Each example scored by the verifier of the client it came from (for pooled training)."""
-
-    def __init__(self, clients: list[ClientSpec]):
-        self._owner = {id(e): c.reward for c in clients for e in c.train}
-        self.name = "per-owner"
-        # the clients' rewards are GuardedReward (declared_range) or bare verifiers (range)
-        self.range = max(getattr(c.reward, "declared_range", getattr(c.reward, "range", 1.0)) for c in clients)
-
-    def __call__(self, example: Example, completion: str) -> float:
-        return self._owner[id(example)](example, completion)
-
-
-def pooled_client(clients: list[ClientSpec], local_steps: int) -> ClientSpec:
-    """The ``centralized`` reference: every client's prompts in one place, each scored by its owner's
-    verifier, trained for ``local_steps`` steps per round (the federated round's total)."""
-    train = [e for c in clients for e in c.train]
-    return ClientSpec("pooled", describe_mixture(train), RoutedReward(clients), train, local_steps)
-
-
-def scenario_tasks(clients: list[ClientSpec], order: tuple[str, ...] = ()) -> list[str]:
-    """The tasks in the clients' data: those named in ``order`` first, in that order, then the rest
-    in order of appearance."""
-    present = dict.fromkeys(e.task for c in clients for e in c.train)
-    return [t for t in order if t in present] + [t for t in present if t not in order]
+    return generate_examples(task, size, seed=derived_seed(salt, task, seed), exclude=exclude, distinct=False)

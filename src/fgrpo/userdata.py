@@ -1,5 +1,5 @@
-"""A data owner's own prompts and verifier: JSONL, Parquet or a Hugging Face dataset, and a reward
-chosen by name.
+"""A data owner's own prompts: JSONL, Parquet or a Hugging Face dataset, split into train and a held-out
+test set, with the owner's reward chosen by name (``rewards`` option; the verifiers: ``fgrpo.rewards``).
 
 Sources (``data`` option, one per client): ``*.jsonl`` (one JSON object per line), ``*.parquet``,
 a local folder (written by ``save_to_disk``, or any folder ``datasets.load_dataset`` reads), or a
@@ -11,30 +11,28 @@ it is with chat prompts; its last user message is the prompt text). A malformed 
 that names the file, the line (JSONL) or row (1-based), and the field; with ``skip_bad_rows`` it is
 skipped and counted instead.
 
-Rewards (``rewards`` option, one per source or one for all), each a verifier with 1.0 = correct:
-    exact          normalized string match (case, surrounding space, inner runs of space) of the
-                   completion, or of the answer it marks (``tasks.marked_answer``: "Answer: 42")
-    math           math-verify: the completion's final expression equals the answer's
-    rg:<dataset>   reasoning-gym's scorer of that dataset on {"answer": answer} (the marked answer
-                   if the completion marks one)
-    module:func    your function func(prompt, completion, answer) -> float
-A reward that raises or returns a non-finite value scores that sample 0 and is counted
-(``reward_failures``, by ``tasks.GuardedReward``, as for every client); it never stops the client.
+Rewards (``rewards`` option, one per source or one for all): ``module:func`` (TRL's form or
+(prompt, completion, answer)), ``trl:<name>``, ``exact``, ``math`` or ``rg:<dataset>``, several joined by
+``+`` with weights, resolved by ``rewards.owner_reward``. A TRL-form function gets each row's other columns
+as keyword arguments (``Example.columns``: kept with the row, on the owner's side). A reward that raises or
+returns a non-finite value scores that sample 0 and is counted (``reward_failures``, by
+``rewards.GuardedReward``, as for every client); it never stops the client.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fgrpo.config import ConfigError
+from fgrpo.rewards import OwnerReward, owner_reward
+from fgrpo.scenarios import ClientSpec
 from fgrpo.seeds import derived_seed
-from fgrpo.tasks import TASKS, ClientSpec, Example, marked_answer
+from fgrpo.tasks import TASKS, Example
+from fgrpo.trl_rewards import BatchReward
 
 HOLDOUT_FRACTION = 0.2  # at most this share of a source is held out for evaluation
 
@@ -45,7 +43,9 @@ class DataError(ConfigError):
 
 @dataclass
 class LoadedRows:
-    rows: list[dict]  # {"prompt", "answer"} per good row, and "messages" ((role, content), ...) if it has them
+    # {"prompt", "answer"} per good row, "messages" ((role, content), ...) if it has them, and "columns" (its
+    # other columns by name) if it has any
+    rows: list[dict]
     skipped: int = 0
     first_errors: list[str] = field(default_factory=list)
 
@@ -135,7 +135,10 @@ def _check_row(row: Any, prompt_column: str, answer_column: str) -> dict[str, st
         raise ValueError(f"field {answer_column!r} has type {type(answer).__name__}; expected a string or a number")
     if not str(answer).strip():
         raise ValueError(f"field {answer_column!r} is empty")
-    return {"prompt": prompt, "answer": str(answer), **({"messages": messages} if messages else {})}
+    taken = (answer_column, "messages" if messages else prompt_column)
+    columns = {k: v for k, v in row.items() if k not in taken}
+    return {"prompt": prompt, "answer": str(answer), **({"messages": messages} if messages else {}),
+            **({"columns": columns} if columns else {})}
 
 
 def _check_messages(messages: Any) -> tuple[tuple[str, str], ...]:
@@ -154,77 +157,12 @@ def _check_messages(messages: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-# --- verifiers -----------------------------------------------------------------------------------
-
-def normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower())
-
-
-def owner_answer(completion: str) -> str:
-    """The answer a completion marks (``tasks.marked_answer``), else the whole completion."""
-    marked = marked_answer(completion)
-    return completion.strip() if marked is None else marked
-
-
-def exact_match(prompt: str, completion: str, answer: str) -> float:
-    return float(normalize(answer) in (normalize(completion), normalize(owner_answer(completion))))
-
-
-def math_match(prompt: str, completion: str, answer: str) -> float:
-    from math_verify import parse, verify
-
-    return float(verify(parse(answer), parse(completion)))
-
-
-def resolve_reward(name: str):
-    """A verifier ``f(prompt, completion, answer) -> float`` from its name (see module docstring)."""
-    if name == "exact":
-        return exact_match
-    if name == "math":
-        return math_match
-    if name.startswith("rg:"):
-        import reasoning_gym
-
-        try:
-            scorer = reasoning_gym.create_dataset(name[3:], seed=0, size=1)
-        except Exception as err:
-            raise ConfigError(f"rewards: {name!r}: reasoning-gym has no dataset {name[3:]!r} ({err})") from None
-        return lambda prompt, completion, answer: float(
-            scorer.score_answer(owner_answer(completion), {"answer": answer, "metadata": {}}))
-    if ":" in name:
-        module_name, func_name = name.split(":", 1)
-        try:
-            func = getattr(importlib.import_module(module_name), func_name)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"rewards: {name!r} cannot be imported ({err}); give module:function on the "
-                              "Python path") from None
-        if not callable(func):
-            raise ConfigError(f"rewards: {name!r} is not callable")
-        return func
-    raise ConfigError(f"rewards: {name!r} is not known; use exact, math, rg:<dataset> or module:function")
-
-
-class OwnerReward:
-    """A data owner's reward: its verifier on (prompt, completion, answer), on any scale (declared range 1:
-    the bound DP on the statistics clips to). Failures are
-    handled where every client's reward is (``tasks.GuardedReward``)."""
-
-    range = 1.0
-
-    def __init__(self, name: str, verifier):
-        self.name = name
-        self.verifier = verifier
-
-    def __call__(self, example: Example, completion: str) -> float:
-        return float(self.verifier(example.prompt, completion, example.answer))
-
-
 @dataclass
 class OwnerData:
     name: str  # the task name this owner's prompts are evaluated under (the file's stem)
     train: list[Example]
     test: list[Example]
-    reward: OwnerReward
+    reward: OwnerReward | BatchReward
     skipped: int
     first_errors: list[str]
 
@@ -237,10 +175,13 @@ def load_owner(source: str, reward_name: str, prompt_column: str, answer_column:
     name = Path(source.rstrip("/")).stem or source
     if name in TASKS:
         raise ConfigError(f"data: {source!r} is named like the built-in task {name!r}; rename the file")
-    verifier = resolve_reward(reward_name)
-    reward = OwnerReward(reward_name, verifier)
-    examples = [Example(name, r["prompt"], r["answer"], {"answer": r["answer"]}, verifier, r.get("messages"))
-                for r in loaded.rows]
+    reward = owner_reward(reward_name)
+    examples = []
+    for r in loaded.rows:  # the row as TRL's reward functions see it: its prompt (or conversation), its columns
+        prompt = [{"role": role, "content": text} for role, text in r["messages"]] if "messages" in r else r["prompt"]
+        columns = {"prompt": prompt, answer_column: r["answer"], **r.get("columns", {})}
+        examples.append(Example(name, r["prompt"], r["answer"], {"answer": r["answer"]}, reward.row_verifier(columns),
+                                r.get("messages"), columns))
     order = list(range(len(examples)))
     random.Random(derived_seed("holdout", name)).shuffle(order)
     held = min(eval_size, int(len(examples) * HOLDOUT_FRACTION))

@@ -1,49 +1,74 @@
-"""The ClientApp: one data owner. It trains the received global adapter with the same local GRPO as
-the in-process runtime (the round engine's ``Federation.train_client``) and replies with its delta and statistics.
+"""The ClientApp: one data owner, the client side only (``fgrpo.client.ClientTrainer`` on a model host):
+it trains the received adapter with the same local GRPO as the in-process runtime and replies with
+its delta and statistics.
 
 Which data it holds comes from the SuperNode's ``node_config``: either the owner's own source and
 verifier (``--node-config 'data="/path/owner.jsonl" reward="math"'``, with ``scenario = "user-data"``
 in the run config; the client id is the file's name unless ``client-id`` names it), or
 ``partition-id``, which selects that client of the run's named scenario (Flower's simulation sets
 it). With its own data, the client also evaluates the global model on its held-out rows, since
-only it has them.
+only it has them, and replies with counts.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
+from fgrpo.client import ClientTrainer
+from fgrpo.config import RunConfig
 from fgrpo.flower import secure, wire
+from fgrpo.host import ModelHost
+from fgrpo.scenarios import ClientSpec, centralized_client, load_clients
 
 app = ClientApp()
 
 
-def owner(context: Context):
-    """(this process's Federation, this node's client) from the run config and the node config.
+@dataclass
+class NodeSide:
+    """What a ClientApp process keeps between messages (Flower may start one per message): the model
+    host, the client trainer and the clients' data of one config."""
+
+    host: ModelHost
+    trainer: ClientTrainer
+    clients: list[ClientSpec]
+    test_sets: dict
+
+
+@cache
+def _node_side(cfg_items: tuple) -> NodeSide:
+    host = ModelHost(RunConfig(**dict(cfg_items)))
+    clients, test_sets, _ = load_clients(host.cfg, host.prompt_style)
+    return NodeSide(host, ClientTrainer(host.cfg, host), clients, test_sets)
+
+
+def owner(context: Context, pooled: bool = False) -> tuple[NodeSide, ClientSpec]:
+    """(this process's node side, this node's client) from the run config and the node config.
     ``client-id`` in the node config names the client for the server (its baseline is kept under
-    that name, so it survives a SuperNode restart, when Flower's node id changes)."""
+    that name, so it survives a SuperNode restart, when Flower's node id changes). ``pooled``: the
+    centralized reference's one client, which holds every client's prompts of the named scenario."""
     cfg = wire.config_from_run_config(dict(context.run_config))
     node = dict(context.node_config)
     if "data" in node:
         cfg = replace(cfg, scenario="user-data", data=str(node["data"]), rewards=str(node.get("reward", cfg.rewards)))
-        fed = wire.cached_federation(cfg)
-        client = fed.clients[0]
+    side = _node_side(tuple(sorted(cfg.to_dict().items())))
+    if pooled:
+        return side, centralized_client(side.clients, side.host.cfg)
+    if "data" in node:
+        client = side.clients[0]
     else:
-        fed = wire.cached_federation(cfg)
         partition = int(node["partition-id"])
-        if not 0 <= partition < len(fed.clients):
-            raise ValueError(f"node_config partition-id = {partition}: this scenario has {len(fed.clients)} clients")
-        client = fed.clients[partition]
+        if not 0 <= partition < len(side.clients):
+            raise ValueError(f"node_config partition-id = {partition}: this scenario has {len(side.clients)} clients")
+        client = side.clients[partition]
     if "client-id" in node:
         client = replace(client, client_id=str(node["client-id"]))
-    # sample completions stay on this node, where its operator says (none written without completions-dir)
-    fed.completions_dir = Path(str(node["completions-dir"])) if "completions-dir" in node else None
-    return fed, client
+    return side, client
 
 
 def secure_stage_mod(msg: Message, context: Context, call_next) -> Message:
@@ -53,14 +78,18 @@ def secure_stage_mod(msg: Message, context: Context, call_next) -> Message:
 
 @app.train(mods=[secure_stage_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Local GRPO from the received global adapter; replies with delta_k and the statistics, or, under
-    secure aggregation, keeps delta_k and replies with the statistics (SecAgg+ later asks for w_k * delta_k)."""
+    """Local GRPO from the received adapter; replies with delta_k and the statistics, or, under secure
+    aggregation, keeps delta_k and replies with the statistics (SecAgg+ later asks for w_k * delta_k)."""
     if "fitins.config" in msg.content.config_records:  # SecAgg+ collect stage (docs/privacy.md)
         return secure.masked_reply(msg, context)
-    fed, client = owner(context)
-    fed.global_adapter = wire.record_adapter(msg.content["global"])
-    update = fed.train_client(client, int(msg.content["round"]["server-round"]))
-    if bool(msg.content["round"].get("secure", False)):
+    config = msg.content["round"]
+    side, client = owner(context, pooled=bool(config.get("pooled", False)))
+    node = dict(context.node_config)
+    # sample completions stay on this node, where its operator says (none written without completions-dir)
+    samples_dir = Path(str(node["completions-dir"])) if "completions-dir" in node else None
+    update = side.trainer.train(client, int(config["server-round"]), wire.record_adapter(msg.content["global"]),
+                                samples_dir)
+    if bool(config.get("secure", False)):
         update.metrics["max_abs_delta"] = secure.keep_delta(context, update.delta)
         update = replace(update, delta={})
     return Message(content=wire.update_content(update), reply_to=msg)
@@ -68,15 +97,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Greedy accuracy of the global adapter on this owner's held-out rows: per task, the answers right as
-    the verifier judges them, right with the format forgiven, and the total."""
-    fed, client = owner(context)
-    fed.global_adapter = wire.record_adapter(msg.content["global"])
-    accuracy = fed.evaluate()
-    counts = {}
-    for name, acc in accuracy.exact.items():
-        total = len(fed.test_sets[name])
-        counts[f"correct/{name}"], counts[f"total/{name}"] = round(acc * total), total
-        counts[f"content/{name}"] = round(accuracy.content[name] * total)
-        counts[f"formatted/{name}"] = round(accuracy.formatted[name] * total)
-    return Message(content=RecordDict({"accuracy": MetricRecord(counts)}), reply_to=msg)
+    """Greedy accuracy of the global adapter on this owner's held-out rows: per task, the counts of answers
+    right as the verifier judges them, right with the format forgiven, in the documented form, and the total."""
+    side, _ = owner(context)
+    accuracy = side.host.evaluate(wire.record_adapter(msg.content["global"]), side.test_sets)
+    return Message(content=RecordDict({"accuracy": wire.accuracy_record(accuracy)}), reply_to=msg)

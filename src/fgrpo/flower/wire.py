@@ -11,16 +11,14 @@ numpy arrays, and numpy has no bfloat16) and are viewed back on the server.
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fgrpo.aggregation import Adapter, ClientStats
-from fgrpo.config import RunConfig, build_config, config_fields, toml_value
-from fgrpo.federation import ClientUpdate, Federation
-
-STAT_KEYS = ("num_prompts", "reward_start", "reward_end", "reward_std", "reward_range", "reward_pooled_std")
+from fgrpo.config import RunConfig, config_fields
+from fgrpo.config_sources import build_config, toml_value
+from fgrpo.evaluation import Accuracy
+from fgrpo.report import STAT_KEYS, STAT_TYPES, ClientUpdate
 
 
 def run_config_keys() -> dict[str, object]:
@@ -32,16 +30,6 @@ def run_config_keys() -> dict[str, object]:
 def config_from_run_config(run_config: dict) -> RunConfig:
     """A validated RunConfig from Flower's run config (unknown keys are a ConfigError)."""
     return build_config(overrides={k.replace("-", "_"): v for k, v in run_config.items()})
-
-
-@cache
-def federation(cfg_items: tuple) -> Federation:
-    """One Federation (base model, adapter, client data) per process and config, reused across rounds."""
-    return Federation(RunConfig(**dict(cfg_items)))
-
-
-def cached_federation(cfg: RunConfig) -> Federation:
-    return federation(tuple(sorted(cfg.to_dict().items())))
 
 
 def adapter_record(adapter: Adapter) -> ArrayRecord:
@@ -71,13 +59,29 @@ def update_content(update: ClientUpdate) -> RecordDict:
 
 def content_update(content: RecordDict) -> ClientUpdate:
     """A client's reply back into a ClientUpdate (the server screens it like any other update:
-    names, shapes, dtypes and finiteness against the global adapter, in ``Federation.screen_updates``)."""
+    names, shapes, dtypes and finiteness against the global adapter, in ``Server.screen_updates``)."""
     m, c = content["stats"], content["client"]
     delta = record_adapter(content["delta"], str(c.get("delta_dtype", "")))
-    stats = ClientStats(str(c["client_id"]), int(m["num_prompts"]),
-                                    *(float(m[k]) for k in STAT_KEYS[1:]))
+    stats = ClientStats(str(c["client_id"]), **{k: STAT_TYPES[k](m[k]) for k in STAT_KEYS})
     train = {k[len("train/"):]: float(v) for k, v in m.items() if k.startswith("train/")}
     return ClientUpdate(stats, delta, train, float(m["train_seconds"]), str(c["task"]), str(c["reward_scale"]))
+
+
+ACCURACY_COUNTS = ("right", "right_content", "in_form", "total")  # Accuracy's count fields, per task
+
+
+def accuracy_record(accuracy: Accuracy) -> MetricRecord:
+    """An evaluation's counts as ``<count>/<task>`` integers (they add up across clients exactly)."""
+    return MetricRecord({f"{part}/{task}": int(n) for part in ACCURACY_COUNTS
+                         for task, n in getattr(accuracy, part).items()})
+
+
+def record_accuracy(record: MetricRecord) -> Accuracy:
+    counts: dict[str, dict[str, int]] = {part: {} for part in ACCURACY_COUNTS}
+    for key, value in record.items():
+        part, task = key.split("/", 1)
+        counts[part][task] = int(value)
+    return Accuracy(**counts)
 
 
 def run_config_toml() -> str:

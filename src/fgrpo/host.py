@@ -1,0 +1,97 @@
+"""The model host: ONE base model in memory with one LoRA adapter slot, which the client side (local
+training) and the server side (evaluation, saving) both use by swapping adapter weights into it, so
+memory grows with the number of clients only by adapter size.
+
+    ModelHost.adapter()          the adapter's current weights (the seeded initial adapter, at first)
+    ModelHost.load(adapter)      swap an adapter's weights in
+    ModelHost.evaluate(...)      greedy held-out accuracy (counts per task) of an adapter
+    ModelHost.save(adapter, p)   a PEFT adapter folder, loadable with PeftModel.from_pretrained(base, p)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+from fgrpo.aggregation import Adapter
+from fgrpo.config import RunConfig
+from fgrpo.evaluation import Accuracy, eval_row, evaluate
+from fgrpo.model import add_lora, autocast_context, load_base, resolve_device, resolve_prompt_style
+from fgrpo.tasks import Example
+
+if TYPE_CHECKING:
+    from fgrpo.server import ServerState
+
+
+class ModelHost:
+    """The base model with its LoRA adapter, the tokenizer and the device; ``cfg`` is the run's config
+    with its prompt style resolved for this model (what config.toml records)."""
+
+    def __init__(self, cfg: RunConfig, progress=None):
+        self.device = resolve_device(cfg.device)
+        self.autocast = autocast_context(self.device, cfg.mixed_precision)
+        base, self.tokenizer = load_base(cfg.model, self.device, cfg.warm_start_steps, cfg.cache_dir, progress,
+                                         cfg.prompt_style)
+        self.cfg = replace(cfg, prompt_style=resolve_prompt_style(cfg.prompt_style, cfg.model, self.tokenizer))
+        self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed,
+                              freeze_a=cfg.lora_aggregation == "ffa")
+
+    @property
+    def prompt_style(self) -> str:
+        return self.cfg.prompt_style
+
+    def adapter(self) -> Adapter:
+        """A copy of the adapter weights now in the model."""
+        return clone(get_peft_model_state_dict(self.model))
+
+    def load(self, adapter: Adapter) -> None:
+        set_peft_model_state_dict(self.model, adapter)
+
+    def evaluate(self, adapter: Adapter, test_sets: dict[str, Sequence[Example]]) -> Accuracy:
+        """Greedy accuracy of ``adapter`` on ``test_sets`` (counts per task)."""
+        self.load(adapter)
+        with self.autocast():
+            return evaluate(self.model, self.tokenizer, test_sets, self.cfg.max_new_tokens)
+
+    def evaluate_own(self, adapters: dict[str, Adapter], client_tasks: dict[str, list[str]],
+                     test_sets: dict[str, Sequence[Example]]) -> Accuracy:
+        """Clients that keep their own adapters (local-only): each client's adapter on its own tasks,
+        the counts added up per task (so a task's accuracy is the mean over the clients holding it)."""
+        results = [self.evaluate(adapters[c], {t: test_sets[t] for t in tasks}) for c, tasks in client_tasks.items()]
+        return Accuracy.total_of(results, order=list(test_sets))
+
+    def evaluate_state(self, state: ServerState, test_sets: dict[str, Sequence[Example]],
+                       client_tasks: dict[str, list[str]]) -> Accuracy:
+        """Accuracy of what the server holds: the global adapter, or (a strategy whose clients keep their own
+        adapters) each client's own on its ``client_tasks``."""
+        if state.local_adapters:
+            return self.evaluate_own(state.local_adapters, client_tasks, test_sets)
+        return self.evaluate(state.global_adapter, test_sets)
+
+    def eval_row(self, rnd: int, state: ServerState, test_sets: dict[str, Sequence[Example]],
+                 client_tasks: dict[str, list[str]]) -> dict:
+        """The evaluation row of round ``rnd`` (``evaluate_state``, timed)."""
+        t0 = time.perf_counter()
+        accuracy = self.evaluate_state(state, test_sets, client_tasks)
+        return eval_row(rnd, accuracy, time.perf_counter() - t0)
+
+    def save(self, adapter: Adapter, path: str | Path) -> None:
+        self.load(adapter)
+        self.model.save_pretrained(str(path))
+
+    def save_state(self, state: ServerState, path: Path) -> None:
+        """The global adapter as a PEFT folder at ``path``; with clients that keep their own adapters
+        (local-only), each client's in ``path/<client_id>``."""
+        for client_id, adapter in state.local_adapters.items():
+            self.save(adapter, path / client_id)
+        if not state.local_adapters:
+            self.save(state.global_adapter, path)
+
+
+def clone(adapter: Adapter) -> Adapter:
+    return {k: v.detach().clone() for k, v in adapter.items()}
