@@ -305,3 +305,15 @@ def test_reference_strategies_are_refused_when_owners_bring_their_own_data():
         assert "\n" not in str(err.value)
         check_flower_runtime(build_config(overrides={"strategy": strategy}), owners_bring_data=False)  # simulation
     check_flower_runtime(build_config(overrides={"scenario": "user-data"}), owners_bring_data=True)  # fgrpo: fine
+
+
+def test_a_lying_supernode_is_screened_on_the_flower_simulation(tmp_path):
+    """lying-owner on Flower: the last SuperNode's client sends an ordinary update with a fabricated report
+    (10^6 prompts, the largest gain its range allows, spread 0); the server leaves it out of every round."""
+    flower_simulation(tmp_path, f"{TINY_RUN_CONFIG} rounds=2 num-clients=2 scenario='lying-owner' "
+                                f"cache-dir='{tmp_path / 'cache'}' out='{tmp_path / 'flower'}'", supernodes=2)
+    rows = [json.loads(x) for x in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
+    warnings = [r for r in rows if r["kind"] == "warning"]
+    assert [(r["round"], r["client_id"]) for r in warnings] == [(1, "client-1"), (2, "client-1")]
+    assert all("num_prompts = 1000000" in r["reason"] for r in warnings)
+    assert [r["client_id"] for r in rows if r["kind"] == "client"] == ["client-0", "client-0"]

@@ -6,9 +6,10 @@ import json
 import pytest
 
 from fgrpo import tasks
-from fgrpo.aggregation import ClientStats, FGRPOSettings, fgrpo
+from fgrpo.aggregation import ClientStats, FGRPOSettings, cap_weights, fgrpo
 from fgrpo.cli import main
 from fgrpo.config import RunConfig
+from fgrpo.server import weight_bound
 from tiny import MOVING_ARGS
 
 ROUNDS = 3
@@ -48,7 +49,7 @@ def replay(rows: list[dict], owner: str = "", scale: float = 1.0, shift: float =
                                      a * r["reward_pooled_std"]))
         result = fgrpo(stats, baselines, settings)
         baselines = result.client_baselines
-        weights += result.weights
+        weights += cap_weights(result.weights, weight_bound(RunConfig(), len(stats)))  # the run's bound, as the server
     return weights
 
 

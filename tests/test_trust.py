@@ -12,6 +12,7 @@ from fgrpo import aggregation
 from fgrpo.aggregation import ClientStats
 from fgrpo.cli import main
 from fgrpo.config_sources import build_config
+from fgrpo.server import weight_bound
 from fgrpo.trust import ReportRules, fabricated, report_problem
 from tiny import MOVING_ARGS, TINY
 
@@ -75,8 +76,8 @@ def test_a_liars_weight_before_and_after_the_defences():
     liar = ClientStats("liar", 160, 0.5, 1.0, 0.2, 1.0, 0.2)
     weights = aggregation.fgrpo([*honest, liar], {}, settings).weights
     assert weights[-1] == pytest.approx(0.709, abs=1e-3)
-    bound = build_config().max_weight
-    assert bound < 1 and max(aggregation.cap_weights(weights, bound)) == pytest.approx(bound)
+    bound = weight_bound(build_config(), 4)
+    assert bound == pytest.approx(0.4) and max(aggregation.cap_weights(weights, bound)) == pytest.approx(bound)
     crude = fabricated(ClientStats("liar", 160, 0.5, 0.55, 0.2, 1.0, 0.2))
     assert aggregation.fedavg([*honest, crude], {}, settings).weights[-1] == pytest.approx(1.0, abs=1e-3)
     assert report_problem(crude, ReportRules.from_config(build_config(overrides={"prompts_per_step": 16})), 0.3)
@@ -106,3 +107,22 @@ def test_honest_runs_pass_every_check_and_the_liar_is_screened(tmp_path):
     assert [(r["round"], r["client_id"]) for r in warnings] == [(1, "client-3"), (2, "client-3")]
     assert all("num_prompts = 1000000" in r["reason"] for r in warnings)
     assert sorted({r["client_id"] for r in rows if r["kind"] == "client"}) == ["client-0", "client-1", "client-2"]
+
+
+def test_probes_are_disjoint_from_every_owners_prompts_and_from_evaluation():
+    """The server's probe prompts come from the config alone (no client data reaches probe_sets) and are the
+    held-out prompts after the evaluation ones: disjoint from every owner's training prompts and the eval set."""
+    from fgrpo.probes import probe_sets
+    from fgrpo.scenarios import load_clients
+
+    for scenario in ("scale-skew", "noisy-verifiers", "dirichlet"):
+        cfg = build_config(overrides={"scenario": scenario, "eval_size": 100, "probes": 64, "train_size": 2000})
+        clients, test_sets, _ = load_clients(cfg)
+        probes = probe_sets(cfg, list(test_sets), "compact")
+        assert sorted(probes) == sorted(test_sets) and all(len(p) == 64 for p in probes.values())
+        probe_prompts = {e.prompt for examples in probes.values() for e in examples}
+        owners = {e.prompt for c in clients for e in c.train}
+        evaluated = {e.prompt for examples in test_sets.values() for e in examples}
+        assert not probe_prompts & owners and not probe_prompts & evaluated, scenario
+    with pytest.raises(Exception, match="probes = 150 with eval_size = 100"):
+        build_config(overrides={"eval_size": 100, "probes": 150})

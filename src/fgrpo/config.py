@@ -54,14 +54,25 @@ class RunConfig:
                    "dataset folders or hub names (split 'train'); a fixed 20% (at most eval_size rows) of "
                    "each is held out for evaluation. On Flower, each SuperNode names its own source instead "
                    "(--node-config 'data=\"FILE\" reward=\"NAME\"') and the run config leaves data empty.")
-    rewards: str = _f("exact", "Verifier per data source (one for all, or comma-separated, one per source): "
-                      "'exact', 'math' (math-verify), 'rg:<reasoning-gym dataset>', or 'module:function' "
-                      "called as function(prompt, completion, answer) -> float, on any scale (FGRPO measures "
-                      "each client's reward range; with dp_stats_noise, rewards are clipped to [-1, 1]).")
+    rewards: str = _f("exact", "Reward per data source (one for all, or comma-separated, one per source): "
+                      "'module:function', a TRL reward function function(completions, **kwargs) -> list[float | "
+                      "None] called per batch as TRL calls it (prompts, completions, completion_ids, the data's "
+                      "other columns, trainer_state, log_extra, log_metric), or function(prompt, completion, "
+                      "answer) -> float; 'trl:accuracy_reward', 'trl:think_format_reward' (TRL's own, when trl is "
+                      "installed); 'exact', 'math' (math-verify), 'rg:<reasoning-gym dataset>'. Several, weighted as "
+                      "TRL's reward_weights: 'trl:accuracy_reward+0.5*trl:think_format_reward' (each logged as "
+                      "reward/<name>; the first is the verifier held-out accuracy uses). Any scale (FGRPO measures "
+                      "each client's reward range; with dp_stats_noise, rewards are clipped to the declared range).")
     prompt_column: str = _f("prompt", "Column (JSON field) of the data sources holding the prompt.")
     answer_column: str = _f("answer", "Column (JSON field) of the data sources holding the gold answer.")
     skip_bad_rows: bool = _f(False, "Skip malformed rows of the data sources (and report how many) "
                              "instead of stopping with an error that names the row.")
+    reward_workers: int = _f(0, "Threads per client that call its reward functions in parallel, one sample per "
+                             "call, for slow verifiers (a service, a sandbox; the functions must be thread-safe). "
+                             "0: off (a TRL reward function is called once per batch, in the client's thread).")
+    reward_timeout: float = _f(60.0, "With reward_workers >= 1: seconds one sample's reward call may take; a "
+                               "slower call scores 0 and is counted in reward_failures (its thread is abandoned). "
+                               "0: no limit.")
     strategy: str = _f("fgrpo", "Server aggregation: 'fgrpo' (relative gain over each client's own baseline), "
                        "'fedavg', 'uniform', 'reward-weighted', 'gain-no-baseline', or the references "
                        "'centralized' and 'local-only'; `fgrpo run --help` and docs/algorithm.md say what each does.")
@@ -134,6 +145,10 @@ class RunConfig:
                            "1 / |S| is used); a larger weight is cut and the excess shared by the others in "
                            "proportion. Under central DP the noise is calibrated to this bound instead of the "
                            "round's largest weight. 1: no bound.")
+    max_weight_ratio: float = _f(1.6, "Largest aggregation weight one client may get in a round as a multiple of "
+                                 "the uniform weight 1 / |S|, under every weighted strategy (1.6: at most 0.4 of "
+                                 "four clients, 0.8 of two); cut like max_weight (the smaller bound applies). What "
+                                 "an owner that lies about its statistics can still get: docs/trust.md. 0: no bound.")
     gain_floor: float = _f(0.05, "Floor of the gain denominator, as a fraction of the client's "
                            "reward range.")
     gain_spread: str = _f("group", "FGRPO's spread s_k in the z gain: 'group' = the mean within-group reward "
@@ -340,11 +355,14 @@ RANGES: dict[str, tuple[Any, str]] = {
     "epsilon_low": (lambda v: 0 <= v < 1, "0 <= epsilon_low < 1"),
     "uniform_mix": (lambda v: 0 <= v <= 1, "0 <= value <= 1"),
     "max_weight": (lambda v: 0 < v <= 1, "0 < max_weight <= 1"),
+    "max_weight_ratio": (lambda v: v == 0 or v >= 1, "0 (off) or >= 1 (1: every weight uniform)"),
     "probes": (lambda v: 0 <= v <= 199, "0 (off) to 199 prompts per task"),
     "probe_margin": (lambda v: 0 <= v <= 1, "0 <= probe_margin <= 1"),
     "reward_noise": (lambda v: 0 <= v <= 1, "0 <= reward_noise <= 1"),
     "format_reward": (lambda v: v >= 0, ">= 0 (0: off)"),
     **dict.fromkeys(("dynamic_sampling", "completion_samples"), (lambda v: v >= 0, "an integer >= 0")),
+    "reward_workers": (lambda v: v >= 0, "an integer >= 0 (0: off)"),
+    "reward_timeout": (lambda v: v >= 0, ">= 0 (0: no limit)"),
     "dp_delta": (lambda v: 0 < v < 1, "0 < dp_delta < 1"),
     "dp_stats_noise": (lambda v: v >= 0, ">= 0 (0: statistics sent as they are)"),
 }
@@ -352,35 +370,3 @@ RANGES: dict[str, tuple[Any, str]] = {
 
 def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(RunConfig))
-
-
-def coerce(key: str, value: Any) -> Any:
-    """Convert ``value`` to the declared type of ``key`` (exact for TOML, parsed for CLI text)."""
-    kind = type(getattr(RunConfig(), key))
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "1", "yes"):
-            return True
-        if str(value).lower() in ("false", "0", "no"):
-            return False
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key} = {value!r} has the wrong type; expected {kind.__name__}")

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fgrpo.config import ConfigError, RunConfig, coerce, config_fields
+from fgrpo.config import ConfigError, RunConfig, config_fields
 
 
 def build_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -109,6 +109,33 @@ def reference_markdown() -> str:
         value = getattr(defaults, f.name)
         lines.append(f"| `{f.name}` | {type(value).__name__} | `{value!r}` | {f.metadata['doc']} |")
     return "\n".join(lines) + "\n"
+
+
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert ``value`` to the declared type of ``key`` (exact for TOML, parsed for CLI text)."""
+    kind = type(getattr(RunConfig(), key))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+    elif kind in (int, float):  # an int key takes an int (never a float); a float key takes either
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and (kind is float or isinstance(value, int)):
+            return kind(value)
+        if isinstance(value, str):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} = {value!r} has the wrong type; expected {kind.__name__}")
 
 
 if __name__ == "__main__":

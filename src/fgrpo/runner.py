@@ -233,7 +233,9 @@ def report(run_dir: str | Path, console: Console | None = None) -> dict:
 def show_completions(folder: str | Path, rnd: int | None = None, client: str | None = None,
                      console: Console | None = None) -> int:
     """``fgrpo completions``: the sample completions kept on the clients' side (RUN_DIR/completions/*.jsonl,
-    or a Flower node's completions-dir) as a table; returns how many completions it showed."""
+    or a Flower node's completions-dir) as a table, with what the owners' reward functions logged (TRL's
+    ``log_extra`` columns as "extra", ``log_metric`` numbers under the table); returns how many completions it
+    showed."""
     folder = Path(folder)
     folder = folder / "completions" if (folder / "completions").is_dir() else folder
     files = sorted(folder.glob("*.jsonl"))
@@ -241,22 +243,33 @@ def show_completions(folder: str | Path, rnd: int | None = None, client: str | N
         raise ConfigError(f"completions: {str(folder)!r} holds no <client>.jsonl; give a run directory or a "
                           "node's completions-dir")
     console = console or Console()
-    table = Table(title=f"sample completions ({folder})", title_justify="left", show_lines=True)
-    for column in ("round", "client", "prompt", "answer", "completion", "reward", "advantage"):
-        table.add_column(column, justify="right" if column in ("round", "reward", "advantage") else "left")
-    shown = 0
+    rows, logged = [], []
     for path in files:
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if (rnd is not None and record["round"] != rnd) or (client is not None and record["client_id"] != client):
                 continue
             for c in record["completions"]:
-                table.add_row(str(record["round"]), record["client_id"], escape(record["prompt"]),
-                              escape(record["answer"]), escape(c["text"]), f"{c['reward']:.3g}",
-                              f"{c['advantage']:+.2f}")
-                shown += 1
+                extra = "; ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in c.get("extra", {}).items())
+                rows.append((str(record["round"]), record["client_id"], escape(record["prompt"]),
+                             escape(record["answer"]), escape(c["text"]), f"{c['reward']:.3g}",
+                             f"{c['advantage']:+.2f}", escape(extra)))
+            metrics = record.get("reward_metrics", {})
+            note = f"round {record['round']} {record['client_id']}: " + ", ".join(f"{k} = {v:.4g}"
+                                                                                  for k, v in metrics.items())
+            logged += [note] if metrics and note not in logged else []
+    columns = ["round", "client", "prompt", "answer", "completion", "reward", "advantage"]
+    columns += ["extra"] if any(r[-1] for r in rows) else []
+    table = Table(title=f"sample completions ({folder})", title_justify="left", show_lines=True)
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("round", "reward", "advantage") else "left")
+    for row in rows:
+        table.add_row(*row[:len(columns)])
     console.print(table)
-    return shown
+    for note in logged:
+        console.print(f"logged by the reward functions, {escape(note)}")
+    return len(rows)
 
 
 def evaluate_saved(adapter: str | None, overrides: dict, pass_k: int = 0,

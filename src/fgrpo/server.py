@@ -180,8 +180,9 @@ class Server:
         if not self.mode.weighted:
             return RoundWeights([None] * len(updates), [None] * len(updates), self.state.client_baselines)
         result = self.strategy.weigh([u.stats for u in updates], self.state.client_baselines, self.fgrpo_settings)
-        if self.cfg.max_weight < 1:  # a bound on any client's influence (and on central DP's sensitivity)
-            result.weights = aggregation.cap_weights(result.weights, self.cfg.max_weight)
+        bound = weight_bound(self.cfg, len(updates))
+        if bound < 1:  # a bound on any client's influence (max_weight: also on central DP's sensitivity)
+            result.weights = aggregation.cap_weights(result.weights, bound)
         return result
 
     def apply(self, rnd: int, updates: list[ClientUpdate], weights: RoundWeights,
@@ -226,6 +227,12 @@ class Server:
             raise RoundFailed("privacy accounting needs the number of clients that take part; none is known")
         rate = 1.0 if self.cfg.dp == "local" else self.clients_per_round() / self.population
         return privacy.epsilon(rounds, self.cfg.dp_noise, rate, self.cfg.dp_delta, self.cfg.dp_stats_noise)
+
+
+def weight_bound(cfg: RunConfig, participants: int) -> float:
+    """The largest weight one of ``participants`` clients may get: min(max_weight, max_weight_ratio / |S|)."""
+    ratio = cfg.max_weight_ratio / participants if cfg.max_weight_ratio > 0 else 1.0
+    return min(cfg.max_weight, ratio)
 
 
 def sample_participants(candidates: list, fraction: float, seed: int, rnd: int) -> list:

@@ -1,10 +1,14 @@
 """What the ServerApp and ClientApp exchange: the run config and the wire format of the messages.
 
 Wire format (no pickle anywhere: tensors travel as Flower arrays):
-    server -> client   arrays "global" (the global adapter), config "round" {"server-round": t}
-    client -> server   arrays "delta" (delta_k), metrics "stats" (n_k, r_start, r_end, std, range,
-                       train_seconds and the local training metrics), config "client" (client_id,
-                       task, reward_scale, delta_dtype)
+    server -> client   train: arrays "global" (the adapter to start from: the global one, or under
+                       local-only the client's own), config "round" {"server-round", "secure", "pooled"}
+                       evaluate: arrays "global"
+    client -> server   train: arrays "delta" (delta_k), metrics "stats" (``report.STAT_KEYS``: n_k, r_start,
+                       r_end, the spreads, the range; train_seconds and the local training metrics as
+                       "train/<name>"), config "client" (client_id, task, reward_scale, delta_dtype)
+                       evaluate: metrics "accuracy", counts per task ("right/<task>", "right_content/<task>",
+                       "in_form/<task>", "total/<task>"), added up across clients exactly
 bfloat16 deltas (delta_dtype = "bfloat16") travel as their int16 bit patterns (Flower arrays are
 numpy arrays, and numpy has no bfloat16) and are viewed back on the server.
 """
