@@ -150,3 +150,30 @@ def test_malformed_messages_name_the_line_and_the_problem(tmp_path, bad, message
     with pytest.raises(userdata.DataError) as err:
         userdata.load_rows(path)
     assert f"{path}:2: " in str(err.value) and message in str(err.value)
+
+
+def test_rows_keep_their_other_columns_for_trl_reward_functions(tmp_path):
+    rows = [{"prompt": f"{a}+1=", "answer": a + 1, "level": a % 2, "source": "gen"} for a in range(10)]
+    path = write_jsonl(tmp_path / "columns.jsonl", rows)
+    assert userdata.load_rows(path).rows[0] == {"prompt": "0+1=", "answer": "1",
+                                                "columns": {"level": 0, "source": "gen"}}
+    owner = userdata.load_owner(path, "exact", "prompt", "answer", False, 2)
+    example = owner.train[0]
+    level = int(example.answer) - 1
+    assert example.columns == {"prompt": example.prompt, "answer": example.answer, "level": level % 2,
+                               "source": "gen"}  # the row as TRL's reward functions see it, never sent anywhere
+    assert isinstance(owner.reward, rewards.OwnerReward) and correctness(example, example.answer) == 1.0
+
+
+def test_conversational_rows_run_on_the_compact_embedded_model(tmp_path):
+    """The embedded model has no chat template: an owner's conversations are read as their last user message
+    (they crashed in evaluation before)."""
+    path = tmp_path / "chats.jsonl"
+    words = ("soap", "neon", "lamp", "desk", "rock", "tree", "milk", "bird", "wolf", "cake")
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"rev:{w}="}],
+             "answer": w[::-1]} for w in words]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--rounds", "1", "--data", str(path), "--cache-dir", str(tmp_path / "cache"),
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 1

@@ -51,6 +51,7 @@ from fgrpo.trl_rewards import (
     BatchLog,
     BatchReward,
     BatchScores,
+    Recent,
     RewardState,
     RewardTerm,
     is_batch_function,
@@ -145,8 +146,9 @@ class GuardedReward:
             scored = [out if error is None else (0.0, error) for out, error in
                       run_pool(tasks, self.workers, self.timeout)]
             scores = BatchScores([v for v, _ in scored], [e for _, e in scored], {}, BatchLog(len(examples)))
-        if self.round_columns is None:
-            self.round_columns = {**{f"reward/{k}": v for k, v in scores.parts.items()}, **scores.log.columns}
+        if self.round_columns is None:  # each function's rewards (None: not applicable), what they logged
+            parts = {f"reward/{k}": [None if math.isnan(x) else x for x in v] for k, v in scores.parts.items()}
+            self.round_columns = {**parts, **scores.log.columns}
         for name, values in scores.log.metrics.items():
             self.round_metrics.setdefault(name, []).extend(values)
         return [self._record(e, c, scores.totals[i], scores.errors[i], {k: v[i] for k, v in scores.parts.items()})
@@ -333,13 +335,25 @@ class OwnerReward:
     def __init__(self, name: str, verifier):
         self.name = name
         self.verifier = verifier
+        self.recent = Recent()
 
     def __call__(self, example: Example, completion: str) -> float:
-        return float(self.verifier(example.prompt, completion, example.answer))
+        key = (example.prompt, completion, example.answer)
+        self.recent.put(key, 0.0)  # what the sample scores if this call raises or hangs
+        value = float(self.verifier(*key))
+        self.recent.put(key, value)
+        return value
+
+    def check(self, prompt: str, completion: str, answer: str) -> float:
+        """The verifier as ``tasks.correctness`` calls it (evaluation, training's accuracy): the value the reward
+        has just given this sample, if any (0 if its call failed), so a slow verifier runs once per sample and
+        one that hangs is not called again."""
+        value = self.recent.get((prompt, completion, answer))
+        return self.verifier(prompt, completion, answer) if value is None else value
 
     def row_verifier(self, columns: dict):
-        """The verifier of one row, as evaluation calls it: the same for every row."""
-        return self.verifier
+        """The verifier of one row (``Example.verifier``): the same for every row."""
+        return self.check
 
 
 def guarded(reward: RewardFn, format_weight: float = 0.0) -> GuardedReward:

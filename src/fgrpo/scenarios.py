@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from reasoning_gym.factory import DATASETS, has_curriculum
 
@@ -192,6 +192,11 @@ def load_clients(cfg: RunConfig, prompt_style: str = "compact",
         for client in clients:
             client.train = [as_chat(e, cfg.system_prompt) for e in client.train]
         test_sets = {t: [as_chat(e, cfg.system_prompt) for e in examples] for t, examples in test_sets.items()}
+    else:  # compact prompts: an owner's conversation is read as its last user message (its prompt text)
+        for client in clients:
+            client.train = [replace(e, messages=None) if e.messages else e for e in client.train]
+        test_sets = {t: [replace(e, messages=None) if e.messages else e for e in examples]
+                     for t, examples in test_sets.items()}
     for client in clients:  # the failure policy for every verifier, built-in or the owner's
         client.reward = guarded(client.reward, cfg.format_reward)
     return clients, test_sets, notes

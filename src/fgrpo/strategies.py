@@ -45,7 +45,10 @@ class Strategy:
 
     @property
     def weigh(self):
-        """The weight function (``fgrpo.aggregation.<weighting>``; imported here, with torch, when used)."""
+        """The weight function (``fgrpo.aggregation.<weighting>``; imported here, with torch, when used), or
+        None for a strategy that combines nothing."""
+        if self.weighting is None:
+            return None
         from fgrpo import aggregation
 
         return getattr(aggregation, self.weighting)
