@@ -229,7 +229,7 @@ def test_dp_accounting_counts_the_supernodes_when_owners_bring_their_own_data(tm
     strategy = FGRPOStrategy(cfg, fed, host, RunRecorder(tmp_path / "run", cfg, fed, host), [], {}, None, None)
     nodes = strategy.participants(1, NodesOnly([11, 12, 13, 14]))
     assert len(nodes) == 2
-    updates = [ClientUpdate(ClientStats(f"owner-{node}", 4, 0.2, 0.5, 0.3, 1.0, 0.4),
+    updates = [ClientUpdate(ClientStats(f"owner-{node}", 2, 0.2, 0.5, 0.3, 1.0, 0.4),
                             {k: torch.full_like(v, 1e-3) for k, v in fed.global_adapter.items()}, {}, 1.0)
                for node in nodes]
     rows = fed.finish_round(1, updates)
