@@ -142,12 +142,8 @@ class Server:
         aggregation: the server never sees one) no tensor is checked."""
         accepted, warnings = [], list(failed)
         wire = getattr(torch, self.cfg.delta_dtype)
-        rules = ReportRules.from_config(self.cfg, self.cfg.local_steps * (self.clients_per_round()
-                                                                         if self.mode.pooled else 1))
         for u in updates:
             reason = delta_problem(u.delta, self.global_adapter, wire) if deltas else None
-            if reason is None and self.cfg.check_reports:
-                reason = report_problem(u.stats, rules, update_norm(u.delta) if deltas else None)
             if reason is None and self.cfg.client_timeout and u.seconds > self.cfg.client_timeout:
                 reason = f"took {u.seconds:.1f} s, over client_timeout = {self.cfg.client_timeout}"
             if reason:
@@ -155,6 +151,8 @@ class Server:
             else:  # aggregate in full precision
                 accepted.append(replace(u, delta={k: v.to(self.global_adapter[k].dtype) for k, v in u.delta.items()}))
         accepted, warnings = self._screen_norms(rnd, accepted, warnings)
+        if self.cfg.check_reports:
+            accepted, warnings = self._screen_reports(rnd, accepted, warnings, deltas)
         if len(accepted) < self.cfg.min_clients:
             why = "; ".join(f"{w['client_id']}: {w['reason']}" for w in warnings)
             raise RoundFailed(f"round {rnd}: {len(accepted)} accepted client update(s), fewer than min_clients = "
@@ -173,6 +171,20 @@ class Server:
         warnings = warnings + [warning_row(rnd, u.stats.client_id, f"update norm {n:.3g} > max_norm_ratio x median = "
                                            f"{limit:.3g}") for u, n in zip(accepted, norms) if n > limit]
         return [u for u, n in zip(accepted, norms) if n <= limit], warnings
+
+    def _screen_reports(self, rnd: int, accepted: list[ClientUpdate], warnings: list[dict], deltas: bool,
+                        ) -> tuple[list[ClientUpdate], list[dict]]:
+        """Leave out updates whose report no honest round can produce (``trust.report_problem``)."""
+        rules = ReportRules.from_config(self.cfg, self.cfg.local_steps * (self.clients_per_round()
+                                                                         if self.mode.pooled else 1))
+        kept = []
+        for u in accepted:
+            reason = report_problem(u.stats, rules, update_norm(u.delta) if deltas else None)
+            if reason:
+                warnings = [*warnings, warning_row(rnd, u.stats.client_id, reason)]
+            else:
+                kept.append(u)
+        return kept, warnings
 
     def weigh(self, updates: list[ClientUpdate]) -> RoundWeights:
         """The strategy's weights and gains, and the client baselines after this round; a strategy that
