@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -22,10 +21,8 @@ from fgrpo.aggregation import Adapter
 from fgrpo.config import RunConfig
 from fgrpo.evaluation import Accuracy, eval_row, evaluate
 from fgrpo.model import add_lora, autocast_context, load_base, resolve_device, resolve_prompt_style
+from fgrpo.server import ServerState, clone
 from fgrpo.tasks import Example
-
-if TYPE_CHECKING:
-    from fgrpo.server import ServerState
 
 
 class ModelHost:
@@ -91,7 +88,3 @@ class ModelHost:
             self.save(adapter, path / client_id)
         if not state.local_adapters:
             self.save(state.global_adapter, path)
-
-
-def clone(adapter: Adapter) -> Adapter:
-    return {k: v.detach().clone() for k, v in adapter.items()}
