@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fgrpo import privacy
 from fgrpo.aggregation import Adapter, ClientStats
@@ -44,12 +43,13 @@ class ClientTrainer:
     def train(self, client: ClientSpec, rnd: int, start: Adapter, samples_dir: Path | None = None) -> ClientUpdate:
         """Local GRPO from ``start``; returns delta_k and the statistics (sample completions to ``samples_dir``)."""
         model = self.host.model
-        set_peft_model_state_dict(model, start)
+        self.host.load(start)
         self.optimizer.state.clear()  # clients are stateless between rounds
         seed = derived_seed(self.cfg.seed, rnd, client.client_id)
         torch.manual_seed(seed)  # rollout sampling
         batches = prompt_batches(client.train, self.cfg.prompts_per_step, seed)
-        settings = GRPOSettings.from_config(self.cfg, local_steps=client.local_steps or self.cfg.local_steps)
+        settings = GRPOSettings.from_config(self.cfg, client.local_steps or self.cfg.local_steps,
+                                            self.host.cfg.rollout_precision)
         client.reward.begin_round(rnd, self.cfg.reward_workers, self.cfg.reward_timeout)  # TRL's trainer_state
         t0 = time.perf_counter()
         with self.host.autocast():
@@ -57,12 +57,13 @@ class ClientTrainer:
                                 settings, correctness_fn=correctness)
         seconds = time.perf_counter() - t0  # local training only: swapping counts as overhead
         with self.host.autocast():  # a diagnostic of the round, not part of a GRPO step
-            result.metrics["kl_to_reference"] = kl_to_reference(model, result.last_rollouts, self.cfg.temperature)
+            result.metrics["kl_to_reference"] = kl_to_reference(model, result.last_rollouts, self.cfg.temperature,
+                                                                result.last_logps, result.last_ref_logps)
         keep_samples(samples_dir, client.client_id, rnd, result.samples, client.reward.take_round_log())
         failed, total = client.reward.take_failures()  # samples whose reward raised or was not finite
         result.metrics["reward_failures"] = failed / max(total, 1)
         result.metrics.update(client.reward.take_components())
-        local = get_peft_model_state_dict(model)
+        local = self.host.slots
         delta = {k: (local[k] - start[k]).detach().clone() for k in start}
         stats = stats_of(client.client_id, client.reward.take_observed_range(), result)
         if client.lies:  # the lying-owner scenario: a fabricated report with an ordinary update

@@ -100,6 +100,16 @@ class RunConfig:
     max_new_tokens: int = _f(10, "Maximum completion length in tokens.")
     temperature: float = _f(1.0, "Sampling temperature for rollouts (log-probs use the same).")
     top_p: float = _f(1.0, "Nucleus sampling threshold for rollouts, in (0, 1].")
+    rollout_precision: str = _f("auto", "Weights rollouts decode with (merged LoRA): 'float32'; 'bfloat16' (half "
+                                "the bytes per token); 'int8' (per-channel int8, a quarter; CPU only); 'auto': "
+                                "bfloat16 on a CUDA device or CPU with native bfloat16 (avx512_bf16 / amx_bf16) for "
+                                "models of 50 M parameters or more, else float32. The loss and evaluation stay "
+                                "float32.")
+    sampler_correction: str = _f("sequence_mask", "How the loss corrects rollouts of a lower-precision sampler "
+                                 "(TRL's vllm_importance_sampling_mode): 'sequence_mask', 'sequence_truncate', "
+                                 "'token_truncate', 'token_mask', or 'off'. Float32 rollouts need none.")
+    sampler_correction_cap: float = _f(3.0, "The cap of sampler_correction: importance ratios above it are "
+                                       "truncated to it (*_truncate) or their rows masked (*_mask); >= 1.")
     local_optimizer: str = _f("adamw", "Client optimizer on the LoRA parameters: 'adamw', or 'sgd' (with "
                               "local_momentum), under which a client's reward scale and advantage normalization "
                               "reach its update norm (AdamW normalizes the step).")
@@ -230,7 +240,8 @@ class RunConfig:
             "lora_aggregation": ("fedit", "ffa"), "delta_dtype": ("float32", "bfloat16", "float16"),
             "dp": ("off", "server", "client", "local"), "local_optimizer": LOCAL_OPTIMIZERS,
             "mixed_precision": ("auto", "bf16", "no"), "prompt_style": ("auto", "compact", "chat"),
-            "device": ("auto", "cpu", "cuda"),
+            "device": ("auto", "cpu", "cuda"), "rollout_precision": ("auto", "float32", "bfloat16", "int8"),
+            "sampler_correction": ("sequence_mask", "sequence_truncate", "token_truncate", "token_mask", "off"),
         }
         for key, valid in choices.items():
             value = getattr(self, key)
@@ -345,6 +356,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "warm_start_steps": _NON_NEGATIVE,
     "fraction": (lambda v: 0 < v <= 1, "0 < fraction <= 1"),
     "top_p": (lambda v: 0 < v <= 1, "0 < top_p <= 1"),
+    "sampler_correction_cap": (lambda v: v >= 1, ">= 1"),
     **dict.fromkeys(("temperature", "lr", "tau", "server_lr", "gain_floor", "dirichlet_alpha", "server_eps",
                      "dp_clip", "dp_noise", "secagg_clip_range"), _POSITIVE),
     "client_timeout": (lambda v: v >= 0, ">= 0 (0: no limit)"),

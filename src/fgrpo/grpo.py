@@ -27,6 +27,11 @@ and no separate old-log-prob forward is run (the ratio is 1 and only its gradien
 taken on logits / temperature (the sampling distribution), with position ids computed from the
 attention mask, as ``generate`` does for left-padded prompts. All of this matches TRL's
 GRPOTrainer loss (tests/test_trl_parity.py).
+
+Rollouts in a lower precision (``rollout_precision`` bfloat16 or int8, ``fgrpo.sampler``) are drawn from
+pi_sampler, not pi_old; ``sampler_correction`` then multiplies the surrogate by w = min(rho, cap) or
+rho·[rho <= cap] with rho = pi_old / pi_sampler per token or per sequence, as TRL corrects vLLM
+rollouts (default: sequence_mask, cap 3). In float32 the sampler is pi_old and nothing is reweighted.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fgrpo.model import lora_layers_replaced
 from fgrpo.rewards import RewardFn
 from fgrpo.rollouts import (
     Rollouts,
@@ -80,16 +86,19 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
               advantages: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo",
               beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
               max_completion_length: int | None = None, kl_bias_correction: bool = False,
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+              sampler_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped GRPO surrogate (+ beta * k3 KL), aggregated by ``loss_type``. All tensors [N, C]
     except ``advantages`` [N]; ``old_logps`` None means pi_old = detached current policy.
-    ``kl_bias_correction`` multiplies KL_t by rho_t (TRL's ``use_bias_correction_kl``)."""
+    ``kl_bias_correction`` multiplies KL_t by rho_t (TRL's ``use_bias_correction_kl``).
+    ``sampler_weights`` ([N, C] or [N, 1], from ``sampler_correction``) multiply the surrogate, not the KL."""
     mask = mask.to(logps.dtype)
     old_logps = logps.detach() if old_logps is None else old_logps
     ratio = torch.exp(logps - old_logps)  # [N, C]
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     adv = advantages[:, None]  # [N, 1]
     per_token_loss = -torch.min(ratio * adv, clipped * adv)  # [N, C]
+    if sampler_weights is not None:  # rollouts from a lower-precision sampler: w ~ pi_train / pi_sampler
+        per_token_loss = per_token_loss * sampler_weights
     metrics: dict[str, float] = {}
     if beta != 0.0:
         log_ref_ratio = ref_logps - logps
@@ -109,6 +118,36 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
     is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
     metrics["clip_ratio"] = ((is_clipped * mask).sum() / mask.sum().clamp(min=1)).item()
     return loss, metrics
+
+
+def sampler_correction(train_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor,
+                       mode: str = "sequence_mask", cap: float = 3.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Importance weights for rollouts drawn from a sampler that is not the trained policy (lower-precision
+    weights), as TRL's ``vllm_importance_sampling_correction``: with d_t = log pi_train(o_t) - log pi_sampler(o_t)
+    (pi_train the policy the rollouts are trained from, pi_old),
+
+        token_*:    rho_t = exp(d_t)                    -> [N, C]
+        sequence_*: rho   = exp(sum_t d_t) per row      -> [N, 1]
+        *_truncate: w = min(rho, cap)        *_mask: w = rho if rho <= cap else 0
+
+    E_{o ~ sampler}[rho * f(o)] = E_{o ~ pi_train}[f(o)], so the weighted loss has the gradient of on-policy
+    sampling; the cap bounds the variance (truncation) or drops the rows the sampler got most wrong (mask).
+    Metrics: the mismatch |d_t| (mean and max over completion tokens), the mean weight, and the share of
+    tokens (token_*) or sequences (sequence_*) whose ratio the cap truncated or masked."""
+    mask = mask.to(train_logps.dtype)
+    diff = (train_logps - sampler_logps) * mask  # [N, C]
+    per_sequence = mode.startswith("sequence")
+    rho = torch.exp(diff.sum(-1, keepdim=True) if per_sequence else diff)
+    over = rho > cap
+    weights = rho.clamp(max=cap) if mode.endswith("truncate") else rho.masked_fill(over, 0.0)
+    tokens = mask.bool()
+    counted = torch.ones_like(over) if per_sequence else tokens  # which entries of ``over`` count
+    return weights, {
+        "sampler_logp_diff_mean": (diff.abs().sum() / mask.sum().clamp(min=1)).item(),
+        "sampler_logp_diff_max": diff.abs().max().item() if tokens.any() else 0.0,
+        "sampler_weight_mean": weights[counted].mean().item() if counted.any() else 1.0,
+        "sampler_cut_fraction": over[counted].float().mean().item() if counted.any() else 0.0,
+    }
 
 
 def rollout_metrics(rollouts: Rollouts, rewards: torch.Tensor, group_size: int, entropy: torch.Tensor,
@@ -148,15 +187,20 @@ class GRPOSettings:
     kl_bias_correction: bool
     proximal_mu: float
     completion_samples: int  # prompts whose completions the client keeps each round
+    sampler_correction: str  # how rollouts of a lower-precision sampler are reweighted (off: not at all)
+    sampler_correction_cap: float
     dynamic_sampling: int  # extra generate calls per step to replace groups without signal (0: off)
+    rollout_precision: str = "float32"  # the sampler's weights, resolved (fgrpo.sampler; never 'auto' here)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, local_steps: int | None = None) -> GRPOSettings:
+    def from_config(cls, cfg: RunConfig, local_steps: int | None = None,
+                    rollout_precision: str = "float32") -> GRPOSettings:
         """From the run config: each field from the config field of the same name, except ``local_steps``,
-        which the argument overrides when given (quantity-skew scales it per client)."""
+        which the argument overrides when given (quantity-skew scales it per client), and ``rollout_precision``,
+        the config's setting resolved for the model and device (``sampler.resolve_rollout_precision``)."""
         config_names = {f.name for f in fields(cfg)}
         same = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name in config_names}
-        return cls(**{**same, "local_steps": local_steps or cfg.local_steps})
+        return cls(**{**same, "local_steps": local_steps or cfg.local_steps, "rollout_precision": rollout_precision})
 
 
 @dataclass
@@ -171,6 +215,8 @@ class LocalResult:
     metrics: dict[str, float]
     samples: list[dict] = field(default_factory=list)  # a few prompts with their completions: the owner's data
     last_rollouts: Rollouts | None = field(default=None, repr=False)  # the last step's (for diagnostics)
+    last_logps: torch.Tensor | None = field(default=None, repr=False)  # their log-probs under the policy then [N, C]
+    last_ref_logps: torch.Tensor | None = field(default=None, repr=False)  # and under pi_ref when beta != 0
 
 
 def completion_samples(examples: list[Example], texts: list[str], rewards: torch.Tensor, advantages: torch.Tensor,
@@ -215,7 +261,7 @@ def sample_step(model, tokenizer, batches: Iterator[list[Example]], reward_fn: R
     def draw() -> tuple[list[Example], Rollouts, torch.Tensor]:
         examples = next(batches)
         rollouts = generate(model, tokenizer, prompt_texts(tokenizer, examples), cfg.group_size,
-                            cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+                            cfg.max_new_tokens, cfg.temperature, cfg.top_p, precision=cfg.rollout_precision)
         rows = [e for e in examples for _ in range(cfg.group_size)]  # N = B*G
         return examples, rollouts, score(reward_fn, rows, rollouts, step)
 
@@ -248,7 +294,7 @@ def old_and_ref_logps(model, rollouts: Rollouts, cfg: GRPOSettings) -> tuple[tor
     old_logps = per_token_logps(model, rollouts, cfg.temperature) if cfg.mu > 1 else None
     ref_logps = None
     if cfg.beta != 0.0:
-        with model.disable_adapter():
+        with lora_layers_replaced(model):
             ref_logps = per_token_logps(model, rollouts, cfg.temperature)
     return old_logps, ref_logps
 
@@ -274,13 +320,24 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
             plain = group_advantages(first_rewards, cfg.group_size, cfg.scale_rewards == "group")
             samples = completion_samples(examples, step_rollouts.first_texts, first_rewards, plain, cfg.group_size)
         old_logps, ref_logps = old_and_ref_logps(model, rollouts, cfg)
+        corrected = rollouts.precision != "float32" and rollouts.sampler_logps is not None
+        sampler_stats: dict[str, float] = {}
+        weights = None
         model.train()
-        for _ in range(cfg.mu):
+        for iteration in range(cfg.mu):
             logps, entropy = per_token_logps_and_entropy(model, rollouts, cfg.temperature)
+            if iteration == 0:
+                pi_old = logps.detach() if old_logps is None else old_logps  # the policy the rollouts train from
+                if corrected:  # the sampler was a lower-precision copy of pi_old
+                    weights, sampler_stats = sampler_correction(pi_old, rollouts.sampler_logps,
+                                                                rollouts.completion_mask, cfg.sampler_correction,
+                                                                cfg.sampler_correction_cap)
+                    weights = None if cfg.sampler_correction == "off" else weights
             loss, loss_metrics = grpo_loss(logps, old_logps, ref_logps, advantages,
                                            rollouts.completion_mask, cfg.loss_type, cfg.beta,
                                            cfg.epsilon_low, cfg.epsilon_high, cfg.max_new_tokens,
-                                           cfg.kl_bias_correction)
+                                           cfg.kl_bias_correction, weights)
+            loss_metrics.update(sampler_stats)
             total = loss
             if anchor is not None:  # FedProx: + mu/2 * ||theta - theta_global||^2
                 proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
@@ -308,4 +365,4 @@ def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iter
                        reward_start=step_rewards[0], reward_end=step_rewards[-1],
                        reward_std=metrics["reward_std"],
                        reward_pooled_std=metrics["reward_pooled_std"], metrics=metrics, samples=samples,
-                       last_rollouts=rollouts)
+                       last_rollouts=rollouts, last_logps=pi_old, last_ref_logps=ref_logps)

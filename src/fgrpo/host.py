@@ -15,39 +15,49 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+import torch
+from peft import get_peft_model_state_dict
 
 from fgrpo.aggregation import Adapter
 from fgrpo.config import RunConfig
 from fgrpo.evaluation import Accuracy, eval_row, evaluate
 from fgrpo.model import add_lora, autocast_context, load_base, resolve_device, resolve_prompt_style
-from fgrpo.server import ServerState, clone
+from fgrpo.sampler import resolve_rollout_precision
+from fgrpo.server import ServerState
 from fgrpo.tasks import Example
 
 
 class ModelHost:
     """The base model with its LoRA adapter, the tokenizer and the device; ``cfg`` is the run's config
-    with its prompt style resolved for this model (what config.toml records)."""
+    with its prompt style and rollout precision resolved for this model and machine (what config.toml records)."""
 
     def __init__(self, cfg: RunConfig, progress=None):
         self.device = resolve_device(cfg.device)
         self.autocast = autocast_context(self.device, cfg.mixed_precision)
         base, self.tokenizer = load_base(cfg.model, self.device, cfg.warm_start_steps, cfg.cache_dir, progress,
                                          cfg.prompt_style)
-        self.cfg = replace(cfg, prompt_style=resolve_prompt_style(cfg.prompt_style, cfg.model, self.tokenizer))
+        precision = resolve_rollout_precision(cfg.rollout_precision, self.device,
+                                              sum(p.numel() for p in base.parameters()))
+        self.cfg = replace(cfg, prompt_style=resolve_prompt_style(cfg.prompt_style, cfg.model, self.tokenizer),
+                           rollout_precision=precision)
         self.model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed,
                               freeze_a=cfg.lora_aggregation == "ffa")
+        self.slots = adapter_slots(self.model)
 
     @property
     def prompt_style(self) -> str:
         return self.cfg.prompt_style
 
     def adapter(self) -> Adapter:
-        """A copy of the adapter weights now in the model."""
-        return clone(get_peft_model_state_dict(self.model))
+        """A copy of the adapter weights now in the model (keyed as PEFT's ``get_peft_model_state_dict``)."""
+        return {key: p.detach().clone() for key, p in self.slots.items()}
 
     def load(self, adapter: Adapter) -> None:
-        set_peft_model_state_dict(self.model, adapter)
+        """Copy ``adapter``'s weights into the model (what ``set_peft_model_state_dict`` does, without its scan
+        of the whole model on every call)."""
+        with torch.no_grad():
+            for key, p in self.slots.items():
+                p.copy_(adapter[key])
 
     def evaluate(self, adapter: Adapter, test_sets: dict[str, Sequence[Example]]) -> Accuracy:
         """Greedy accuracy of ``adapter`` on ``test_sets`` (counts per task)."""
@@ -88,3 +98,13 @@ class ModelHost:
             self.save(adapter, path / client_id)
         if not state.local_adapters:
             self.save(state.global_adapter, path)
+
+
+def adapter_slots(model) -> dict[str, torch.nn.Parameter]:
+    """The model's adapter parameters under the keys of PEFT's ``get_peft_model_state_dict`` (the adapter's name
+    dropped from the parameter's name), in that order; checked against PEFT once."""
+    params = dict(model.named_parameters())
+    adapter = model.active_adapter
+    slots = {key: params[key.replace(".weight", f".{adapter}.weight")] for key in get_peft_model_state_dict(model)}
+    assert all(p.data_ptr() == t.data_ptr() for p, t in zip(slots.values(), get_peft_model_state_dict(model).values()))
+    return slots

@@ -20,12 +20,13 @@ import os
 import shutil
 import string
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from platformdirs import user_cache_dir
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
@@ -267,3 +268,20 @@ def add_lora(base, r: int, alpha: int, dropout: float, seed: int, freeze_a: bool
             if "lora_A" in name:
                 param.requires_grad_(False)
     return model
+
+
+@contextmanager
+def lora_layers_replaced(model, replacement=None):
+    """Run inside with each LoRA layer (PEFT's wrapper of a linear layer) replaced in its parent module by
+    ``replacement(layer)``; default: its base layer, which makes the model the base model pi_ref. A replaced
+    model runs without PEFT's dispatch per layer and call (the LoRA branch is not there to switch off), and
+    which parameters are trainable is untouched. Everything is put back afterwards."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, LoraLayer)]
+    for parent, name, child in swaps:
+        setattr(parent, name, child.get_base_layer() if replacement is None else replacement(child))
+    try:
+        yield
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)

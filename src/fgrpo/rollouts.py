@@ -17,15 +17,16 @@ positions as the unpadded prompt would.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from fgrpo.model import lora_layers_replaced
+from fgrpo.sampler import sampler_weights
 from fgrpo.tasks import Example
 
 
@@ -39,6 +40,8 @@ class Rollouts:
     completion_mask: torch.Tensor  # [N, C] 1 up to and including the first EOS
     texts: list[str]  # N decoded completions (without EOS)
     group_size: int = 1  # G: rows i*G .. i*G+G-1 share one prompt
+    sampler_logps: torch.Tensor | None = None  # [N, C] log pi_sampler(o_t | ...) at temperature (not greedy)
+    precision: str = "float32"  # the sampler's weights (fgrpo.sampler): float32 means the sampler is the policy
 
 
 def prompt_texts(tokenizer, examples: list[Example]) -> list[str]:
@@ -80,32 +83,13 @@ def rows_cache(model, prompt_cache, rows: torch.Tensor | None, group_size: int) 
                          for layer in prompt_cache.layers], config=model.config)
 
 
-@contextmanager
-def merged_lora(model):
-    """Run inside with each LoRA layer's weight replaced by W + s * B A and the adapter branch off:
-    one matmul per linear layer instead of three, for rollouts and evaluation (no gradients).
-    The original weight tensors are put back untouched afterwards (no in-place merge and unmerge,
-    whose rounding would drift the frozen base). Costs a transient copy of the adapted weights."""
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and m.active_adapters]
-    originals = [m.get_base_layer().weight for m in layers]
-    with torch.no_grad():
-        for m in layers:
-            base = m.get_base_layer()
-            delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
-            base.weight = torch.nn.Parameter(base.weight + delta, requires_grad=False)
-    try:
-        with model.disable_adapter():
-            yield
-    finally:
-        for m, weight in zip(layers, originals):
-            m.get_base_layer().weight = weight
-
-
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
            pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-           group_size: int = 1) -> torch.Tensor:
+           group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token sampling with the KV cache, [N, P] left-padded prompts -> [N, C] completions
-    (right-padded with ``pad_token_id`` after each row's EOS; C <= ``max_new_tokens``).
+    (right-padded with ``pad_token_id`` after each row's EOS; C <= ``max_new_tokens``) and, unless
+    ``greedy``, each drawn token's log-prob under the sampler at ``temperature`` (before top-p: the
+    distribution the loss computes), [N, C] (0 after EOS).
 
     What ``model.generate`` does for multinomial sampling (or greedy), with two savings:
     - rows of a group share one prefill of the prompt's first P-1 tokens (``prompt_forward``);
@@ -127,6 +111,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
     warpers = LogitsProcessorList(([] if greedy or temperature == 1.0 else [TemperatureLogitsWarper(temperature)])
                                   + ([] if greedy or top_p >= 1.0 else [TopPLogitsWarper(top_p)]))
     out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=prompt_ids.device)
+    logps = None if greedy else torch.zeros((n, max_new_tokens), device=prompt_ids.device)
     rows = torch.arange(n, device=prompt_ids.device)  # the unfinished rows, in cache order
     mask = prompt_mask
     length = 0
@@ -141,6 +126,9 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
             q = torch.empty((n, scores.shape[1]), device=scores.device).exponential_(1)
             tokens = (F.softmax(scores, dim=-1) / q[rows]).argmax(-1)
         out[rows, t] = tokens
+        if logps is not None:  # log softmax(z / T)[token]: one gather, no second pass over the vocabulary
+            logits = step.logits[:, -1].float() / temperature
+            logps[rows, t] = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
         length = t + 1
         running = tokens != eos_token_id
         if not running.any():
@@ -152,21 +140,24 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
         step_ids = tokens[:, None]
         step_positions = step_positions[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-    return out[:, :length]
+    return out[:, :length], None if logps is None else logps[:, :length]
 
 
 def generate(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, merge: bool = True) -> Rollouts:
+             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, merge: bool = True,
+             precision: str = "float32") -> Rollouts:
     """Sample ``num_per_prompt`` completions per prompt with ``decode`` (inference mode; with ``merge``,
-    on merged LoRA weights)."""
+    on the sampler's weights: merged LoRA weights in ``precision``, fgrpo.sampler)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     prompt_ids = enc["input_ids"].repeat_interleave(num_per_prompt, dim=0).to(device)  # [N, P]
     prompt_mask = enc["attention_mask"].repeat_interleave(num_per_prompt, dim=0).to(device)
-    with torch.inference_mode(), merged_lora(model) if merge and isinstance(model, PeftModel) else nullcontext():
-        completion_ids = decode(model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id,
+    weights = sampler_weights(model, precision) if merge and isinstance(model, PeftModel) else nullcontext()
+    with torch.inference_mode(), weights:
+        completion_ids, sampler_logps = decode(model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id,
                                 tokenizer.pad_token_id, temperature, top_p, greedy, num_per_prompt)
     completion_ids = completion_ids.clone()  # [N, C]; clone: a normal tensor for autograd
+    sampler_logps = None if sampler_logps is None else sampler_logps.clone()
     is_eos = completion_ids == tokenizer.eos_token_id
     # index of the first EOS (or C when there is none); keep tokens up to and including it
     first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.shape[1])
@@ -174,7 +165,8 @@ def generate(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_
     completion_mask = (positions[None, :] <= first_eos[:, None]).long()  # [N, C]
     keep = (completion_mask.bool() & ~is_eos)
     texts = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion_ids, keep)]
-    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, num_per_prompt)
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, num_per_prompt,
+                    sampler_logps, precision if merge and isinstance(model, PeftModel) else "float32")
 
 
 def length_chunks(lengths: torch.Tensor, min_width: int = 32) -> list[tuple[torch.Tensor, int]]:
@@ -235,14 +227,28 @@ def per_token_logps(model, rollouts: Rollouts, temperature: float = 1.0) -> torc
 
 
 @torch.no_grad()
-def kl_to_reference(model, rollouts: Rollouts, temperature: float = 1.0) -> float:
+def kl_to_reference(model, rollouts: Rollouts, temperature: float = 1.0, logps: torch.Tensor | None = None,
+                    ref_logps: torch.Tensor | None = None, max_rows: int = 32) -> float:
     """Mean k3 estimate of KL(pi_theta || pi_ref) over the completion tokens of ``rollouts``, with pi_ref the
-    base model (adapter disabled): how far the client's policy has moved, whatever ``beta`` is (a diagnostic:
-    two forwards without gradient, once per round, in eval mode so no random numbers are drawn)."""
-    logps = per_token_logps(model, rollouts, temperature)
-    with model.disable_adapter():
-        ref = per_token_logps(model, rollouts, temperature)
-    log_ratio = ref - logps
+    base model (no adapter): how far the client's policy has moved, whatever ``beta`` is (a diagnostic, once
+    per round). ``logps`` / ``ref_logps``: the log-probs already computed (local GRPO passes those of its
+    last step: pi_old, the policy that sampled it, before that step's update, and pi_ref when beta != 0). What
+    is missing is computed by a forward without gradient (eval mode: no random numbers drawn) on the first
+    groups only, at most ``max_rows`` completions (at least one group), so the diagnostic costs a fraction of
+    a step."""
+    groups = min(len(rollouts.texts), max(max_rows, rollouts.group_size)) // rollouts.group_size
+    if (logps is None or ref_logps is None) and groups * rollouts.group_size < len(rollouts.texts):
+        n = groups * rollouts.group_size
+        rollouts = select_groups(rollouts, list(range(groups)))
+        logps = None if logps is None else logps[:n]
+        ref_logps = None if ref_logps is None else ref_logps[:n]
+    if logps is None:
+        logps = per_token_logps(model, rollouts, temperature)
+    ref = ref_logps
+    if ref is None:
+        with lora_layers_replaced(model):
+            ref = per_token_logps(model, rollouts, temperature)
+    log_ratio = (ref - logps)[:, :rollouts.completion_mask.shape[1]]
     mask = rollouts.completion_mask
     return float(((torch.exp(log_ratio) - log_ratio - 1) * mask).sum() / mask.sum().clamp(min=1))
 
@@ -251,7 +257,8 @@ def select_groups(r: Rollouts, groups: list[int]) -> Rollouts:
     """The rows of the given groups (each of ``group_size`` consecutive rows), in that order."""
     rows = [g * r.group_size + j for g in groups for j in range(r.group_size)]
     return Rollouts(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
-                    [r.texts[i] for i in rows], r.group_size)
+                    [r.texts[i] for i in rows], r.group_size,
+                    None if r.sampler_logps is None else r.sampler_logps[rows], r.precision)
 
 
 def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
@@ -265,6 +272,8 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         return torch.cat([F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=value)
                           for t in tensors])
 
+    logps = (None if any(r.sampler_logps is None for r in parts) else
+             torch.cat([F.pad(r.sampler_logps, (0, c - r.sampler_logps.shape[1])) for r in parts]))
     return Rollouts(cat("prompt_ids", True, p, pad_token_id), cat("prompt_mask", True, p, 0),
                     cat("completion_ids", False, c, pad_token_id), cat("completion_mask", False, c, 0),
-                    [t for r in parts for t in r.texts], parts[0].group_size)
+                    [t for r in parts for t in r.texts], parts[0].group_size, logps, parts[0].precision)

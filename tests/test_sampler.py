@@ -1,0 +1,112 @@
+"""Rollouts from a lower-precision sampler (rollout_precision) and the loss's correction for it."""
+
+import pytest
+import torch
+
+from fgrpo.grpo import grpo_loss, local_grpo, prompt_batches, sampler_correction
+from fgrpo.model import add_lora, build_tiny_model, char_tokenizer
+from fgrpo.rollouts import generate, per_token_logps
+from fgrpo.sampler import resolve_rollout_precision
+from fgrpo.tasks import train_split
+from test_grpo import grpo_settings
+
+T, V, N = 4, 6, 20_000  # tokens per sequence, vocabulary, samples
+
+
+def sequence_terms(theta: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log pi(o_t) of a policy whose T positions are independent categoricals with logits ``theta`` [T, V]."""
+    return torch.log_softmax(theta, -1)[torch.arange(T), tokens]  # [n, T]
+
+
+def test_correction_gives_the_on_policy_gradient_and_no_correction_does_not():
+    """Sampling from a perturbed sampler q: the corrected GRPO loss (grpo_loss with sampler_correction's weights)
+    has the expected gradient of sampling from pi itself (exact, by enumerating all V^T sequences), within
+    sampling error; the uncorrected loss is off by far more than its sampling error."""
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(T, V, generator=gen).requires_grad_()
+    sampler = theta.detach() + 0.5 * torch.randn(T, V, generator=gen)  # a sampler that rounds differently
+    advantage = lambda o: (o == 0).sum(-1).float() - 1.0  # a fixed advantage per sequence
+
+    everything = torch.cartesian_prod(*[torch.arange(V)] * T)  # [V^T, T]
+    logp_all = sequence_terms(theta, everything)
+    p = logp_all.sum(-1).exp().detach()
+    exact = torch.autograd.grad(-(p * advantage(everything) * logp_all.mean(-1)).sum(), theta)[0]  # [T, V]
+
+    tokens = torch.multinomial(torch.softmax(sampler, -1), N, replacement=True, generator=gen).T  # [N, T]
+    logps = sequence_terms(theta, tokens)
+    sampler_logps = torch.log_softmax(sampler, -1)[torch.arange(T), tokens]
+    mask = torch.ones(N, T)
+    adv = advantage(tokens)
+    for mode, cap in (("sequence_truncate", 1e9), ("off", None)):
+        weights = None
+        if mode != "off":
+            weights, stats = sampler_correction(logps.detach(), sampler_logps, mask, mode, cap)
+            assert stats["sampler_logp_diff_mean"] > 0.1 and stats["sampler_cut_fraction"] == 0.0
+        loss, _ = grpo_loss(logps, None, None, adv, mask, sampler_weights=weights)
+        grad = torch.autograd.grad(loss, theta, retain_graph=True)[0]
+        # per-sample gradients, closed form: -w A / T * (onehot(o_t) - softmax(theta_t)), for the standard error
+        w = torch.ones(N, 1) if weights is None else weights
+        onehot = torch.nn.functional.one_hot(tokens, V).float()
+        per_sample = -(w * adv[:, None] / T)[..., None] * (onehot - torch.softmax(theta.detach(), -1))
+        assert torch.allclose(per_sample.mean(0), grad, atol=1e-5)  # the loss's gradient is that mean
+        z = ((grad - exact) / (per_sample.std(0) / N ** 0.5 + 1e-9)).abs().max().item()
+        if mode == "off":
+            assert z > 8  # biased: the sampler's distribution, not the policy's
+        else:
+            assert z < 4.5  # unbiased: within sampling error (24 entries)
+
+
+def test_correction_modes_truncate_and_mask_at_the_cap():
+    train = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    sampler = torch.zeros(3, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    w, stats = sampler_correction(train, sampler, mask, "sequence_mask", 3.0)
+    assert w.shape == (3, 1) and w[1, 0] == 0 and w[0, 0] == 1 and torch.isclose(w[2, 0], torch.exp(torch.tensor(-1.)))
+    assert stats["sampler_cut_fraction"] == pytest.approx(1 / 3) and stats["sampler_logp_diff_max"] == 2.0
+    w, stats = sampler_correction(train, sampler, mask, "token_truncate", 3.0)
+    assert w.shape == (3, 3) and w[1, 0] == 3.0 and w[1, 1] == 1.0
+    assert stats["sampler_cut_fraction"] == pytest.approx(1 / 8)  # 1 of the 8 completion tokens
+    w, _ = sampler_correction(train, sampler, mask, "token_mask", 3.0)
+    assert w[1, 0] == 0 and w[2, 1] == pytest.approx(torch.exp(torch.tensor(-1.0)).item())
+
+
+def test_auto_precision_follows_the_hardware():
+    cpu, big = torch.device("cpu"), 135_000_000
+    assert resolve_rollout_precision("auto", cpu, big, frozenset({"avx2", "avx512f"})) == "float32"  # not native
+    assert resolve_rollout_precision("auto", cpu, big, frozenset({"avx512_bf16"})) == "bfloat16"
+    assert resolve_rollout_precision("auto", cpu, big, frozenset({"amx_bf16"})) == "bfloat16"
+    assert resolve_rollout_precision("auto", cpu, 870_000, frozenset({"amx_bf16"})) == "float32"  # small model
+    assert resolve_rollout_precision("int8", cpu, 870_000, frozenset()) == "int8"  # asked for: as asked
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_low_precision_rollouts_record_sampler_logps_and_train_corrected(precision):
+    tokenizer = char_tokenizer()
+    model = add_lora(build_tiny_model(tokenizer, seed=0), r=4, alpha=8, dropout=0.0, seed=0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(3))
+    weights = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    torch.manual_seed(0)
+    r = generate(model, tokenizer, ["rev:abcdef=", "12+3="], 4, 8, temperature=0.7, precision=precision)
+    assert dict(model.named_modules()) == modules  # every layer put back
+    assert all(dict(model.named_parameters())[n] is p and torch.equal(p, saved) for n, (p, saved) in weights.items())
+    policy = per_token_logps(model, r, 0.7)
+    diff = ((policy - r.sampler_logps).abs() * r.completion_mask).sum() / r.completion_mask.sum()
+    assert r.precision == precision and 0 < diff < 0.1  # a different, nearby distribution
+    torch.manual_seed(0)
+    exact = generate(model, tokenizer, ["rev:abcdef=", "12+3="], 4, 8, temperature=0.7)
+    same = ((per_token_logps(model, exact, 0.7) - exact.sampler_logps).abs() * exact.completion_mask).max()
+    assert exact.precision == "float32" and same < 1e-4  # float32: the sampler is the policy
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    settings = grpo_settings(local_steps=2, prompts_per_step=2, group_size=4, max_new_tokens=5,
+                             sampler_correction="token_truncate")
+    reward = lambda ex, text: float(len(text))
+    train = train_split("spell_backward", 16, seed=0)
+    low = local_grpo(model, tokenizer, opt, prompt_batches(train, 2, 0), reward,
+                     type(settings)(**{**settings.__dict__, "rollout_precision": precision}))
+    assert 0 < low.metrics["sampler_logp_diff_mean"] < 0.1 and "sampler_cut_fraction" in low.metrics
+    full = local_grpo(model, tokenizer, opt, prompt_batches(train, 2, 0), reward, settings)
+    assert not any(k.startswith("sampler_") for k in full.metrics)  # float32: nothing to correct
