@@ -10,23 +10,108 @@ the repetitions after one warm-up. Last line: one JSON object.
     python benchmarks/rollouts.py             # 15 repetitions
     python benchmarks/rollouts.py --quick --model smollm2 --max-new-tokens 64 --prompts 4
         # the real SmolLM2-135M-Instruct on chat prompts of 1-digit arithmetic, 4 per task x 8
+    python benchmarks/rollouts.py --quick --model smollm2 --max-new-tokens 64 --prompts 2 \
+        --precisions float32,bfloat16,int8 --decode-bound
+        # each rollout_precision (fgrpo.sampler) against bare generate on a model of the same precision
+        # (float32; bfloat16: a bfloat16 copy; int8 has no bare counterpart), and one-row decode steps
+        # against the weights' bytes / the machine's read bandwidth, measured in the same run
+
+int8 is measured here only (fgrpo does not offer it): every linear weight quantized per output channel,
+run by PyTorch's dynamic-quantization kernel (``Int8DynamicLinear``). For each precision the mismatch
+against the float32 policy is printed too: the mean and largest |log pi - log pi_sampler| per completion
+token, the mean sequence_mask weight and the share of sequences it masks (cap 3), and the mean length.
+
+The CPU model and whether it has native bfloat16 (avx512_bf16 / amx_bf16), and what ``auto`` chooses
+for this model, are printed first.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import platform
 import statistics
 import time
+import warnings
 
 import torch
 from transformers import GenerationConfig
 
 from fgrpo import tasks
 from fgrpo.config import RunConfig
+from fgrpo.grpo import sampler_correction
 from fgrpo.model import add_lora, load_base, resolve_prompt_style
-from fgrpo.rollouts import generate, prompt_texts
+from fgrpo.rollouts import decode, generate, per_token_logps, prompt_texts
 from fgrpo.runner import quiet_libraries
+from fgrpo.sampler import LOW_PRECISION, NATIVE_BF16_FLAGS, cpu_flags, resolve_rollout_precision, sampler_weights
+
+
+class Int8DynamicLinear(torch.nn.Module):
+    """y = x W^T + b with W quantized to int8 (symmetric, one scale per output channel) and x quantized per
+    batch on the fly: PyTorch's dynamic-quantization kernel (``quantized.linear_dynamic``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()  # [out]: |W_i| max -> 127
+        with warnings.catch_warnings():  # quantized tensors are deprecated in torch 2.13
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # reduce_range: 7-bit activations, as torch's dynamic Linear does on x86 (no int16 overflow)
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)
+
+
+LOW_PRECISION.setdefault("int8", Int8DynamicLinear)
+
+
+def cpu_model() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of reading a float32 tensor of ``gib`` GiB once (``sum``), median of ``repeats``."""
+    big = torch.ones(int(gib * 2**30 / 4))
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        big.sum()
+        times.append(time.perf_counter() - start)
+    return big.numel() * 4 / statistics.median(times[1:])
+
+
+def weight_bytes(model, precision: str) -> int:
+    """Bytes a decode step reads: every linear weight (LoRA merged; the LM head included) at ``precision``,
+    the rest (norms) in float32; the embedding lookup reads one row."""
+    size = {"float32": 4, "bfloat16": 2, "int8": 1}[precision]
+    total = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            total += module.weight.numel() * size
+        elif "RMSNorm" in type(module).__name__:
+            total += module.weight.numel() * 4
+    return total
+
+
+@torch.inference_mode()
+def decode_step_ms(model, tokenizer, precision: str, steps: int = 24) -> float:
+    """Median milliseconds of one decode step with one row, on the sampler's weights at ``precision``."""
+    ids = tokenizer(["Solve the task. " * 4], return_tensors="pt")["input_ids"]
+    mask = torch.ones_like(ids)
+    with sampler_weights(model, precision):
+        decode(model, ids, mask, 4, -1, 0, greedy=True)  # warm-up (EOS -1: never stops)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            decode(model, ids, mask, steps, -1, 0, greedy=True)
+            times.append((time.perf_counter() - start) / steps)
+    return 1000 * statistics.median(times)
 
 
 def main() -> None:
@@ -37,6 +122,10 @@ def main() -> None:
                         "chat model)")
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--prompts", type=int, default=16, help="prompts per task (default: 16)")
+    parser.add_argument("--precisions", default="float32", help="rollout precisions to measure, comma-separated "
+                        "(float32, bfloat16, int8; default: float32)")
+    parser.add_argument("--decode-bound", action="store_true", help="also one-row decode steps against the "
+                        "weights' bytes / read bandwidth")
     args = parser.parse_args()
     quiet_libraries()
     arithmetic = ("basic_arithmetic:max_terms=2,min_digits=1,max_digits=1,allow_negation=False,"
@@ -57,32 +146,75 @@ def main() -> None:
                                   top_p=cfg.top_p, top_k=0, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
 
-    def ours() -> int:
-        r = generate(model, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    precisions = args.precisions.split(",")
+    flags = cpu_flags()
+    parameters = sum(p.numel() for p in base.parameters())
+    machine = {"cpu": cpu_model(), "native_bf16_flags": sorted(NATIVE_BF16_FLAGS & flags),
+               "auto_chooses": resolve_rollout_precision("auto", torch.device("cpu"), parameters),
+               "torch_threads": torch.get_num_threads()}
+    print(f"machine: {machine}")
+    bare = {"float32": model}
+    if "bfloat16" in precisions:
+        bare["bfloat16"] = copy.deepcopy(model).to(torch.bfloat16)
+
+    def ours(precision: str) -> int:
+        r = generate(model, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                     precision=precision)
         return int(r.completion_mask.sum())
 
-    @torch.no_grad()
-    def raw() -> int:
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)[:, ids.shape[1]:]
+    def raw(precision: str) -> int:
+        with torch.no_grad():
+            out = bare[precision].generate(input_ids=ids, attention_mask=mask,
+                                           generation_config=gen_config)[:, ids.shape[1]:]
         is_eos = out == tokenizer.eos_token_id
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1), out.shape[1])
         return int((first + (first < out.shape[1]).long()).sum())
 
-    reps = 5 if args.quick else 15
-    speeds: dict[str, list[float]] = {"ours": [], "raw": []}
+    runs = [(f"ours_{p}", lambda p=p: ours(p)) for p in precisions]
+    runs += [(f"raw_{p}", lambda p=p: raw(p)) for p in precisions if p in bare]
+    reps = 3 if args.quick and args.model != "embedded" and len(precisions) > 1 else 5 if args.quick else 15
+    speeds: dict[str, list[float]] = {name: [] for name, _ in runs}
     for rep in range(reps + 1):
-        for name, fn in (("ours", ours), ("raw", raw)) if rep % 2 else (("raw", raw), ("ours", ours)):
+        for name, fn in runs if rep % 2 else runs[::-1]:
             torch.manual_seed(rep)
             start = time.perf_counter()
             tokens = fn()
             if rep:  # the first repetition is the warm-up
                 speeds[name].append(tokens / (time.perf_counter() - start))
-    ours_tps, raw_tps = statistics.median(speeds["ours"]), statistics.median(speeds["raw"])
-    print(f"ours {ours_tps:.0f} tokens/s, raw generate {raw_tps:.0f} tokens/s, ratio {ours_tps / raw_tps:.3f}")
-    print(json.dumps({"benchmark": "rollouts", "model": cfg.model, "quick": args.quick, "repetitions": reps,
-                      "sequences": len(ids),
-                      "max_new_tokens": cfg.max_new_tokens, "ours_tokens_per_s": ours_tps,
-                      "raw_tokens_per_s": raw_tps, "ratio": ours_tps / raw_tps}))
+    tps = {name: statistics.median(v) for name, v in speeds.items()}
+    result = {"benchmark": "rollouts", "model": cfg.model, "quick": args.quick, "repetitions": reps,
+              "sequences": len(ids), "max_new_tokens": cfg.max_new_tokens, **machine,
+              **{f"{name}_tokens_per_s": v for name, v in tps.items()}}
+    for p in precisions:
+        line = f"{p}: ours {tps[f'ours_{p}']:.0f} tokens/s"
+        if f"raw_{p}" in tps:
+            result[f"ratio_{p}_to_raw_same_precision"] = tps[f"ours_{p}"] / tps[f"raw_{p}"]
+            line += f", bare generate {tps[f'raw_{p}']:.0f}, ratio {result[f'ratio_{p}_to_raw_same_precision']:.3f}"
+        result[f"ratio_{p}_to_raw_float32"] = tps[f"ours_{p}"] / tps["raw_float32"] if "raw_float32" in tps else None
+        print(line)
+    if "ours_float32" in tps and "raw_float32" in tps:
+        result["ratio"] = tps["ours_float32"] / tps["raw_float32"]
+    for p in precisions:  # how far each sampler is from the float32 policy
+        torch.manual_seed(0)
+        r = generate(model, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                     precision=p)
+        with torch.no_grad():
+            policy = per_token_logps(model, r, cfg.temperature)
+        _, stats = sampler_correction(policy, r.sampler_logps, r.completion_mask, "sequence_mask", 3.0)
+        stats["mean_length"] = float(r.completion_mask.sum(1).float().mean())
+        result.update({f"{k}_{p}": v for k, v in stats.items()})
+        print(f"{p}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+    if args.decode_bound:
+        bandwidth = read_bandwidth()
+        result["read_bandwidth_gb_per_s"] = bandwidth / 1e9
+        for p in precisions:
+            ms = decode_step_ms(model, tokenizer, p)
+            floor = 1000 * weight_bytes(model, p) / bandwidth
+            result[f"decode_step_ms_{p}"], result[f"decode_floor_ms_{p}"] = ms, floor
+            result[f"fraction_of_bandwidth_limit_{p}"] = floor / ms
+            print(f"{p}: one-row decode step {ms:.1f} ms; weights {weight_bytes(model, p) / 1e6:.0f} MB / "
+                  f"{bandwidth / 1e9:.1f} GB/s = {floor:.1f} ms: {floor / ms:.2f} of the limit")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ conversational dataset and applies the same chat template), at each of ``--max-n
     python benchmarks/step_vs_trl.py             # 15 timed pairs per model after 2 warm-up
     python benchmarks/step_vs_trl.py --quick --model smollm2 --max-new-tokens 64,256 \
         --prompts-per-step 4 --group-size 4     # the real model, B x G = 16 completions per step
+    ... --rollout-precision int8                # ours sampling from int8 weights (with the correction)
+    ... --steps 3                               # fewer timed pairs (each SmolLM2 pair takes 40-120 s)
+
+TRL runs in float32 (``bf16=False``); ``--rollout-precision`` changes only our side.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def large_model_path(folder: str) -> str:
     return folder
 
 
-def compare(path: str, cfg: RunConfig, steps: int, warmup: int, lr: float) -> dict:
+def compare(path: str, cfg: RunConfig, steps: int, warmup: int, lr: float, rollout_precision: str = "float32",
+            ) -> dict:
     """Median seconds per step of ours and of TRL's, interleaved, and each side's mean completion length;
     returns one result row."""
     import trl
@@ -85,7 +90,7 @@ def compare(path: str, cfg: RunConfig, steps: int, warmup: int, lr: float) -> di
     model = add_lora(base, cfg.lora_r, cfg.lora_alpha, 0.0, seed=0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    settings = GRPOSettings.from_config(cfg, local_steps=1)
+    settings = GRPOSettings.from_config(cfg, 1, rollout_precision)
     order = torch.Generator().manual_seed(1)
 
     def our_batches():
@@ -148,6 +153,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", help="comma-separated completion lengths (default: the run default)")
     parser.add_argument("--prompts-per-step", type=int)
     parser.add_argument("--group-size", type=int)
+    parser.add_argument("--rollout-precision", default="float32", choices=("float32", "bfloat16", "int8"),
+                        help="our rollouts' precision (default float32)")
+    parser.add_argument("--steps", type=int, help="timed pairs (default: 5 with --quick, else 15)")
     parser.add_argument("--lr", type=float, default=0.0,
                         help="learning rate of both sides (default 0: the optimizer step runs, the policy stays put)")
     args = parser.parse_args()
@@ -156,6 +164,7 @@ def main() -> None:
             if v is not None}
     cfg = RunConfig(**base)
     steps, warmup = (5, 1) if args.quick else (15, 2)
+    steps = args.steps or steps
     lengths = [int(x) for x in args.max_new_tokens.split(",")] if args.max_new_tokens else [cfg.max_new_tokens]
     results = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -165,7 +174,7 @@ def main() -> None:
         for name, path in paths.items():
             for length in lengths:
                 run_cfg = RunConfig(**base, max_new_tokens=length, **({"tasks": args.tasks} if args.model else {}))
-                row = compare(path, run_cfg, steps, warmup, args.lr)
+                row = compare(path, run_cfg, steps, warmup, args.lr, args.rollout_precision)
                 key = name if len(lengths) == 1 else f"{name}@{length}"
                 results[key] = row
                 print(f"{key}: {row['parameters'] / 1e6:.2f} M parameters, {length} new tokens, ours "
@@ -174,6 +183,7 @@ def main() -> None:
     print(json.dumps({"benchmark": "step_vs_trl", "quick": args.quick, "steps": steps, "warmup": warmup,
                       "prompts_per_step": cfg.prompts_per_step, "group_size": cfg.group_size,
                       "max_new_tokens": lengths, "lr": args.lr, "threads": torch.get_num_threads(),
+                      "rollout_precision": args.rollout_precision,
                       **{f"{k}_{m}": v[k] for m, v in results.items()
                          for k in ("ours_s", "trl_s", "ratio", "ours_length", "trl_length")}}))
 

@@ -18,12 +18,6 @@ def check_run(cfg: RunConfig) -> RunConfig:
 
         if not torch.cuda.is_available():
             raise ConfigError("device = 'cuda' but no CUDA device is available; valid here: auto, cpu")
-    if cfg.rollout_precision == "int8" and cfg.device != "cpu":
-        import torch
-
-        if cfg.device == "cuda" or torch.cuda.is_available():
-            raise ConfigError("rollout_precision = 'int8' runs on the CPU only (PyTorch's dynamic-quantization "
-                              "kernels); on CUDA choose one of: auto, float32, bfloat16")
     return cfg
 
 

@@ -101,7 +101,7 @@ class RunConfig:
     temperature: float = _f(1.0, "Sampling temperature for rollouts (log-probs use the same).")
     top_p: float = _f(1.0, "Nucleus sampling threshold for rollouts, in (0, 1].")
     rollout_precision: str = _f("auto", "Weights rollouts decode with (merged LoRA): 'float32'; 'bfloat16' (half "
-                                "the bytes per token); 'int8' (per-channel int8, a quarter; CPU only); 'auto': "
+                                "the bytes per token, the loss corrected by sampler_correction); 'auto': "
                                 "bfloat16 on a CUDA device or CPU with native bfloat16 (avx512_bf16 / amx_bf16) for "
                                 "models of 50 M parameters or more, else float32. The loss and evaluation stay "
                                 "float32.")
@@ -240,7 +240,7 @@ class RunConfig:
             "lora_aggregation": ("fedit", "ffa"), "delta_dtype": ("float32", "bfloat16", "float16"),
             "dp": ("off", "server", "client", "local"), "local_optimizer": LOCAL_OPTIMIZERS,
             "mixed_precision": ("auto", "bf16", "no"), "prompt_style": ("auto", "compact", "chat"),
-            "device": ("auto", "cpu", "cuda"), "rollout_precision": ("auto", "float32", "bfloat16", "int8"),
+            "device": ("auto", "cpu", "cuda"), "rollout_precision": ("auto", "float32", "bfloat16"),
             "sampler_correction": ("sequence_mask", "sequence_truncate", "token_truncate", "token_mask", "off"),
         }
         for key, valid in choices.items():

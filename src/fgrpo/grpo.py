@@ -28,7 +28,7 @@ taken on logits / temperature (the sampling distribution), with position ids com
 attention mask, as ``generate`` does for left-padded prompts. All of this matches TRL's
 GRPOTrainer loss (tests/test_trl_parity.py).
 
-Rollouts in a lower precision (``rollout_precision`` bfloat16 or int8, ``fgrpo.sampler``) are drawn from
+Rollouts in a lower precision (``rollout_precision = bfloat16``, ``fgrpo.sampler``) are drawn from
 pi_sampler, not pi_old; ``sampler_correction`` then multiplies the surrogate by w = min(rho, cap) or
 rho·[rho <= cap] with rho = pi_old / pi_sampler per token or per sequence, as TRL corrects vLLM
 rollouts (default: sequence_mask, cap 3). In float32 the sampler is pi_old and nothing is reweighted.

@@ -7,9 +7,6 @@ the policy in a lower precision, while the loss forward and backward stay float3
 - ``float32``: the merged-LoRA weights as they are (``merged_lora``); the sampler is the policy.
 - ``bfloat16``: every linear layer's merged weight W + s B A rounded to bfloat16 (half the bytes); inputs
   and outputs stay float32 (embeddings, norms and the residual stream are untouched).
-- ``int8``: every linear layer's merged weight quantized per output channel to int8 (a quarter of the
-  bytes), run by PyTorch's dynamic-quantization kernel (activations quantized per batch on the fly);
-  CPU only.
 
 The sampler then draws from a slightly different distribution than the one the loss trains, which
 biases the gradient unless corrected: ``grpo.sampler_correction`` reweights the loss by
@@ -21,12 +18,17 @@ pi_train / pi_sampler per token or sequence, as TRL does for vLLM rollouts.
 - CUDA: bfloat16 where ``torch.cuda.is_bf16_supported()``, else float32;
 - CPU: bfloat16 where the CPU has native bfloat16 instructions (flag ``avx512_bf16`` or ``amx_bf16``
   in /proc/cpuinfo), else float32: without them a bfloat16 matrix product is emulated and slower
-  than float32 for more than a few rows. ``int8`` is never chosen by ``auto``; ask for it.
+  than float32 for more than a few rows.
+
+int8 (PyTorch's dynamic quantization of the linear layers) was measured and is not offered: on
+SmolLM2-135M it decodes twice as fast as float32 on a CPU without native bfloat16, but its per-batch
+activation quantization moves the sampler far from the policy (a mean |log pi_old - log pi_sampler| of
+0.67 per token against 0.025 for bfloat16), so the correction would discard most of each batch
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +39,7 @@ from peft.tuners.lora import LoraLayer
 
 from fgrpo.model import lora_layers_replaced
 
-PRECISIONS = ("auto", "float32", "bfloat16", "int8")
+PRECISIONS = ("auto", "float32", "bfloat16")
 SMALL_MODEL = 50_000_000  # parameters: below this ``auto`` keeps float32
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -67,31 +69,21 @@ def resolve_rollout_precision(setting: str, device: torch.device, parameters: in
     return "bfloat16" if NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags) else "float32"
 
 
-class LowPrecisionLinear(torch.nn.Module):
-    """y = x W^T + b with W held in bfloat16 or int8 (symmetric, one scale per output channel); x and y float32."""
+class Bfloat16Linear(torch.nn.Module):
+    """y = x W^T + b with W (and b) held in bfloat16: the product runs in bfloat16; x and y are float32."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, precision: str):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.precision = precision
-        if precision == "bfloat16":
-            self.weight = weight.detach().to(torch.bfloat16)
-            self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
-        elif precision == "int8":
-            w = weight.detach().float()
-            scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()  # [out]: |W_i| max -> 127
-            with warnings.catch_warnings():  # quantized tensors are deprecated in torch; see docs/real-models.md
-                warnings.simplefilter("ignore", UserWarning)
-                zero = torch.zeros_like(scales, dtype=torch.long)
-                q = torch.quantize_per_channel(w, scales, zero, 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
-        else:
-            raise ValueError(f"no low-precision linear layer for {precision!r}")
+        self.weight = weight.detach().to(torch.bfloat16)
+        self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.precision == "bfloat16":
-            return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
-        # reduce_range: 7-bit activations, as torch's dynamic Linear does on x86 (no int16 overflow)
-        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+
+# precision -> the module a linear layer's (merged) weight becomes on the sampler: Module(weight, bias).
+# benchmarks/rollouts.py adds an int8 one (PyTorch's dynamic quantization) to measure it.
+LOW_PRECISION: dict[str, type[torch.nn.Module]] = {"bfloat16": Bfloat16Linear}
 
 
 def merged_weight(layer: LoraLayer) -> torch.Tensor:
@@ -123,18 +115,18 @@ def merged_lora(model):
 _FROZEN_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plain Linear -> {precision: copy}
 
 
-def _frozen_copy(linear: torch.nn.Linear, precision: str) -> LowPrecisionLinear:
+def _frozen_copy(linear: torch.nn.Linear, precision: str) -> torch.nn.Module:
     """The low-precision copy of a layer without adapter (its weight is frozen): made once, then reused."""
     copies = _FROZEN_COPIES.setdefault(linear, {})
     if precision not in copies:
-        copies[precision] = LowPrecisionLinear(linear.weight, linear.bias, precision)
+        copies[precision] = LOW_PRECISION[precision](linear.weight, linear.bias)
     return copies[precision]
 
 
 @contextmanager
 def sampler_weights(model, precision: str):
     """Run inside on the sampler: ``merged_lora`` for float32; otherwise with every linear layer replaced by
-    a ``LowPrecisionLinear`` of its merged weight W + s B A (LoRA layers, made afresh: the adapter changes
+    a ``LOW_PRECISION[precision]`` module of its merged weight W + s B A (LoRA layers, made afresh: the adapter changes
     every step) or of its frozen weight (other linear layers such as the LM head, made once). The original
     modules are put back afterwards; the float32 weights are never modified."""
     if precision == "float32":
@@ -142,7 +134,7 @@ def sampler_weights(model, precision: str):
             yield
         return
     with torch.no_grad():
-        low = {id(m): LowPrecisionLinear(merged_weight(m), m.get_base_layer().bias, precision)
+        low = {id(m): LOW_PRECISION[precision](merged_weight(m), m.get_base_layer().bias)
                for m in model.modules() if isinstance(m, LoraLayer)}
     plain = [(parent, name, child) for parent in model.modules() if not isinstance(parent, LoraLayer)
              for name, child in parent.named_children() if type(child) is torch.nn.Linear]  # the LM head

@@ -12,6 +12,8 @@ only it has them, and replies with counts.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -38,13 +40,26 @@ class NodeSide:
     trainer: ClientTrainer
     clients: list[ClientSpec]
     test_sets: dict
+    setup: dict[str, float]  # how long this process took to get here, reported with its first update
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: /proc/self/stat; 0 elsewhere)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 @cache
 def _node_side(cfg_items: tuple) -> NodeSide:
+    start = time.perf_counter()
     host = ModelHost(RunConfig(**dict(cfg_items)))
     clients, test_sets, _ = load_clients(host.cfg, host.prompt_style)
-    return NodeSide(host, ClientTrainer(host.cfg, host), clients, test_sets)
+    # Flower's deployment runtime starts a ClientApp process per message: then every round pays for this
+    setup = {"clientapp_setup_seconds": process_age(), "model_load_seconds": time.perf_counter() - start}
+    return NodeSide(host, ClientTrainer(host.cfg, host), clients, test_sets, setup)
 
 
 def owner(context: Context, pooled: bool = False) -> tuple[NodeSide, ClientSpec]:
@@ -89,6 +104,8 @@ def train(msg: Message, context: Context) -> Message:
     samples_dir = Path(str(node["completions-dir"])) if "completions-dir" in node else None
     update = side.trainer.train(client, int(config["server-round"]), wire.record_adapter(msg.content["global"]),
                                 samples_dir)
+    update.metrics.update(side.setup)  # the seconds this process spent starting and loading, once per process
+    side.setup = {k: 0.0 for k in side.setup}
     if bool(config.get("secure", False)):
         update.metrics["max_abs_delta"] = secure.keep_delta(context, update.delta)
         update = replace(update, delta={})
