@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per task (default: 16)")
     parser.add_argument("--precisions", default="float32", help="rollout precisions to measure, comma-separated "
                         "(float32, bfloat16, int8; default: float32)")
+    parser.add_argument("--repetitions", type=int, help="timed repetitions (default: 5 with --quick, 3 for "
+                        "several precisions of a real model, else 15; 0: only the mismatch)")
     parser.add_argument("--decode-bound", action="store_true", help="also one-row decode steps against the "
                         "weights' bytes / read bandwidth")
     args = parser.parse_args()
@@ -173,19 +175,20 @@ def main() -> None:
     runs = [(f"ours_{p}", lambda p=p: ours(p)) for p in precisions]
     runs += [(f"raw_{p}", lambda p=p: raw(p)) for p in precisions if p in bare]
     reps = 3 if args.quick and args.model != "embedded" and len(precisions) > 1 else 5 if args.quick else 15
+    reps = reps if args.repetitions is None else args.repetitions  # 0: no timing, the mismatch only
     speeds: dict[str, list[float]] = {name: [] for name, _ in runs}
-    for rep in range(reps + 1):
+    for rep in range(reps + 1 if reps else 0):
         for name, fn in runs if rep % 2 else runs[::-1]:
             torch.manual_seed(rep)
             start = time.perf_counter()
             tokens = fn()
             if rep:  # the first repetition is the warm-up
                 speeds[name].append(tokens / (time.perf_counter() - start))
-    tps = {name: statistics.median(v) for name, v in speeds.items()}
+    tps = {name: statistics.median(v) for name, v in speeds.items() if v}
     result = {"benchmark": "rollouts", "model": cfg.model, "quick": args.quick, "repetitions": reps,
               "sequences": len(ids), "max_new_tokens": cfg.max_new_tokens, **machine,
               **{f"{name}_tokens_per_s": v for name, v in tps.items()}}
-    for p in precisions:
+    for p in precisions if tps else []:
         line = f"{p}: ours {tps[f'ours_{p}']:.0f} tokens/s"
         if f"raw_{p}" in tps:
             result[f"ratio_{p}_to_raw_same_precision"] = tps[f"ours_{p}"] / tps[f"raw_{p}"]

@@ -23,7 +23,7 @@ pi_train / pi_sampler per token or sequence, as TRL does for vLLM rollouts.
 int8 (PyTorch's dynamic quantization of the linear layers) was measured and is not offered: on
 SmolLM2-135M it decodes twice as fast as float32 on a CPU without native bfloat16, but its per-batch
 activation quantization moves the sampler far from the policy (a mean |log pi_old - log pi_sampler| of
-0.67 per token against 0.025 for bfloat16), so the correction would discard most of each batch
+0.61 per token against 0.029 for bfloat16), so the correction would discard most of each batch
 (BENCHMARKS.md).
 """
 
