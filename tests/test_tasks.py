@@ -157,6 +157,7 @@ def test_task_lists_and_specs_with_overrides():
     ("basic_arithmetc", "not a reasoning-gym dataset (did you mean basic_arithmetic"),
     ("basic_arithmetic:max_term=2", "basic_arithmetic has no setting 'max_term'; valid: min_terms, max_terms"),
     ("basic_arithmetic:min_terms=5,max_terms=2", "reasoning-gym rejects the config"),
+    ("simple_equations:operators=('+', '-')", "reasoning-gym rejects the config"),  # fails when drawing
     ("basic_arithmetic:max_terms", "override 'max_terms' is not key=value"),
     ("gsm_symbolic@2", "gsm_symbolic has no difficulty levels"),
     ("chain_sum@x", "difficulty level 'x' is not a number"),
