@@ -4,12 +4,14 @@ interrupted comparison continues without redoing finished runs."""
 import csv
 import json
 import statistics
+from importlib import resources
 
 import pytest
 
 from fgrpo.cli import main
-from fgrpo.compare import Plan, plan_runs, recipe, separation, summarize_runs
+from fgrpo.compare import Plan, load_preset, plan_runs, recipe, separation, summarize_runs
 from fgrpo.config import ConfigError
+from fgrpo.config_sources import build_config
 
 
 def test_recipes_compose_weighting_and_modifiers():
@@ -119,3 +121,11 @@ def test_paired_difference_and_separation_by_hand(tmp_path):
             summary["final_content_macro_accuracy"] = finals[name][cfg.seed]
             (tmp_path / cfg.out / "summary.json").write_text(json.dumps(summary))
     assert not separation(summarize_runs(plan, runs), "task-skew")["separated"]
+
+
+@pytest.mark.parametrize("preset", sorted(p.name[:-5] for p in (resources.files("fgrpo") / "presets").iterdir()
+                                          if p.name.endswith(".toml")))
+def test_every_shipped_preset_loads_and_its_run_config_is_valid(preset):
+    plan = load_preset(preset)
+    cfg = build_config(preset=preset)  # validates every key and task (one line naming it if not)
+    assert plan.strategies and plan.scenarios and len(plan.seeds) >= 1 and cfg.num_clients >= 1
