@@ -3,13 +3,14 @@ interrupted comparison continues without redoing finished runs."""
 
 import csv
 import json
+import math
 import statistics
 from importlib import resources
 
 import pytest
 
 from fgrpo.cli import main
-from fgrpo.compare import Plan, load_preset, plan_runs, recipe, separation, summarize_runs
+from fgrpo.compare import Plan, load_preset, plan_runs, recipe, seeds_to_resolve, separation, summarize_runs
 from fgrpo.config import ConfigError
 from fgrpo.config_sources import build_config
 
@@ -120,7 +121,12 @@ def test_paired_difference_and_separation_by_hand(tmp_path):
             summary = json.loads((tmp_path / cfg.out / "summary.json").read_text())
             summary["final_content_macro_accuracy"] = finals[name][cfg.seed]
             (tmp_path / cfg.out / "summary.json").write_text(json.dumps(summary))
-    assert not separation(summarize_runs(plan, runs), "task-skew")["separated"]
+    sep = separation(summarize_runs(plan, runs), "task-skew")
+    assert not sep["separated"]
+    # paired fgrpo - fedavg std 0.0231: (2 x 0.0231 / 0.02)^2 = 5.33 -> 6 seeds resolve a 2-point difference
+    assert sep["paired_std"] == pytest.approx(statistics.stdev([-0.02, 0.02, -0.02]))
+    assert sep["seeds_to_resolve"] == 6
+    assert seeds_to_resolve(0.001) == 2 and seeds_to_resolve(0.05) == 25 and math.isnan(seeds_to_resolve(math.nan))
 
 
 @pytest.mark.parametrize("preset", sorted(p.name[:-5] for p in (resources.files("fgrpo") / "presets").iterdir()

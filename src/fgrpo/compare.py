@@ -36,6 +36,7 @@ from fgrpo.rundir import read_metrics
 LAST_ROUNDS = 3  # "spread over the last rounds": std of macro accuracy over the last 3 evaluations
 REFERENCE = "fedavg"  # every strategy's final content accuracy minus this one's, paired by seed
 WEIGHTINGS = ("fgrpo", "fedavg", "uniform", "reward-weighted")  # compared by `separation`
+RESOLVE_POINTS = 0.02  # "how many seeds would resolve a 2-point difference", printed when nothing separates
 
 
 def recipe(name: str) -> dict[str, Any]:
@@ -237,7 +238,18 @@ def separation(rows: list[dict], scenario: str) -> dict | None:
     worst = min(rows, key=lambda r: r["final_content_mean"])
     gap = best["final_content_mean"] - worst["final_content_mean"]
     threshold = 3 * max(best["final_content_std"], worst["final_content_std"])
-    return {"best": best, "worst": worst, "gap": gap, "threshold": threshold, "separated": gap > threshold}
+    fgrpo = next((r for r in rows if r["strategy"] == "fgrpo"), None)
+    paired_std = fgrpo[f"minus_{REFERENCE}_std"] if fgrpo else math.nan
+    return {"best": best, "worst": worst, "gap": gap, "threshold": threshold, "separated": gap > threshold,
+            "paired_std": paired_std, "seeds_to_resolve": seeds_to_resolve(paired_std)}
+
+
+def seeds_to_resolve(paired_std: float, difference: float = RESOLVE_POINTS, z: float = 2.0) -> float:
+    """Seeds for a paired mean difference of ``difference`` to lie z standard errors from zero, given the
+    per-seed std of the paired differences: n = ceil((z * std / difference)^2), at least 2 (nan if unknown)."""
+    if not math.isfinite(paired_std):
+        return math.nan
+    return max(2, math.ceil((z * paired_std / difference) ** 2))
 
 
 def write_tables(rows: list[dict], out: Path) -> None:
@@ -271,7 +283,11 @@ def write_tables(rows: list[dict], out: Path) -> None:
             lines += [f"Weightings ({', '.join(WEIGHTINGS)}): best {b['strategy']} {b['final_content_mean']:.3f} ± "
                       f"{b['final_content_std']:.3f}, worst {w['strategy']} {w['final_content_mean']:.3f} ± "
                       f"{w['final_content_std']:.3f}; gap {sep['gap']:.3f} against 3 x the larger std = "
-                      f"{sep['threshold']:.3f}: " + ("**separated**" if sep["separated"] else "not separated"), ""]
+                      f"{sep['threshold']:.3f}: " + ("**separated**" if sep["separated"] else "not separated")
+                      + ("" if sep["separated"] or math.isnan(sep["seeds_to_resolve"]) else
+                         f"; {REFERENCE}-paired fgrpo std {100 * sep['paired_std']:.1f} points: about "
+                         f"{sep['seeds_to_resolve']} seeds would put a {100 * RESOLVE_POINTS:.0f}-point difference "
+                         "2 standard errors from zero"), ""]
     (out / "table.md").write_text("\n".join(lines))
 
 
