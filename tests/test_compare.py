@@ -10,7 +10,16 @@ from importlib import resources
 import pytest
 
 from fgrpo.cli import main
-from fgrpo.compare import Plan, load_preset, plan_runs, recipe, seeds_to_resolve, separation, summarize_runs
+from fgrpo.compare import (
+    Plan,
+    load_preset,
+    plan_runs,
+    recipe,
+    seeds_to_resolve,
+    separation,
+    summarize_runs,
+    write_weights,
+)
 from fgrpo.config import ConfigError
 from fgrpo.config_sources import build_config
 
@@ -127,6 +136,26 @@ def test_paired_difference_and_separation_by_hand(tmp_path):
     assert sep["paired_std"] == pytest.approx(statistics.stdev([-0.02, 0.02, -0.02]))
     assert sep["seeds_to_resolve"] == 6
     assert seeds_to_resolve(0.001) == 2 and seeds_to_resolve(0.05) == 25 and math.isnan(seeds_to_resolve(math.nan))
+
+
+def test_weights_count_a_left_out_client_as_zero(tmp_path):
+    plan = Plan(["fgrpo"], ["noisy-verifiers"], [0, 1], run={"rounds": 2})
+    runs = plan_runs(plan, tmp_path)
+    for _, cfg in runs:
+        rows = [{"round": rnd, "kind": "client", "client_id": f"client-{k}", "task": "t", "reward_scale": "x1",
+                 "weight": 0.5, "update_norm": 1.0} for rnd in (1, 2) for k in (0, 1)]
+        if cfg.seed == 1:  # client-1 rejected in round 2: a warning, no client row
+            rows = [r for r in rows if (r["round"], r["client_id"]) != (2, "client-1")]
+            rows[2]["weight"] = 1.0
+            rows.append({"round": 2, "kind": "warning", "client_id": "client-1", "reason": "lowers the probes"})
+        rows.append({"round": 1, "kind": "warning", "client_id": "client-0", "reason": "cut at max_new_tokens"})
+        run_dir = tmp_path / cfg.out
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_weights(plan, runs, tmp_path)
+    table = (tmp_path / "weights.md").read_text()
+    assert "| client-0 (t, x1) | 0.50 | 0.75 |" in table  # a warning beside a client row changes nothing
+    assert "| client-1 (t, x1) | 0.50 | 0.25 |" in table  # (0.5 + 0) / 2, not 0.5 over the one seed
 
 
 @pytest.mark.parametrize("preset", sorted(p.name[:-5] for p in (resources.files("fgrpo") / "presets").iterdir()

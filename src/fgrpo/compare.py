@@ -293,7 +293,9 @@ def write_tables(rows: list[dict], out: Path) -> None:
 
 def write_weights(plan: Plan, runs: list[tuple[str, RunConfig]], out: Path) -> None:
     """weights.md: per scenario and strategy, each client's aggregation weight per round and its mean
-    update norm and gain, averaged over the seeds (what explains a gap between strategies)."""
+    update norm and gain, averaged over the seeds (what explains a gap between strategies). A client the
+    server left out in a round (a warning row naming it and no client row: screened, rejected by the
+    probes, or failed) counts with weight 0 in that round's mean."""
     lines = ["# Aggregation weights and update norms per client (mean over seeds)", ""]
     for scenario in plan.scenarios:
         tables = []
@@ -305,14 +307,21 @@ def write_weights(plan: Plan, runs: list[tuple[str, RunConfig]], out: Path) -> N
                 path = Path(cfg.out) / "metrics.jsonl"
                 if name != strategy or cfg.scenario != scenario or not path.exists():
                     continue
-                for r in read_metrics(path):
+                rows = read_metrics(path)
+                labels: dict[str, str] = {}  # client id -> label, for the clients this run weighted
+                for r in rows:
                     if r["kind"] != "client" or r.get("weight") is None:
                         continue
-                    label = f"{r['client_id']} ({r['task'][:18]}, {r['reward_scale']})"
+                    label = labels[r["client_id"]] = f"{r['client_id']} ({r['task'][:18]}, {r['reward_scale']})"
                     cells.setdefault(label, {}).setdefault(r["round"], []).append(r["weight"])
                     norms.setdefault(label, []).append(r.get("update_norm", math.nan))
                     if r.get("gain") is not None:
                         gains.setdefault(label, []).append(r["gain"])
+                weighted = {(r["client_id"], r["round"]) for r in rows if r["kind"] == "client"}
+                left_out = {(r["client_id"], r["round"]) for r in rows
+                            if r["kind"] == "warning" and r.get("client_id") in labels} - weighted
+                for client_id, rnd in left_out:
+                    cells[labels[client_id]].setdefault(rnd, []).append(0.0)
             if not cells:
                 continue
             rounds = sorted({rnd for by_round in cells.values() for rnd in by_round})
