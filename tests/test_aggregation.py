@@ -262,3 +262,36 @@ def test_capped_weights_sum_to_one_respect_the_bound_and_keep_their_order(bound)
     assert all((a - b) * (c - d) >= -1e-12 for a, c in zip(w, capped) for b, d in zip(w, capped))  # same order
     free = [(a, c) for a, c in zip(w, capped) if c < bound - 1e-12]
     assert len({round(c / a, 9) for a, c in free}) == 1  # the uncapped weights grow by one common factor
+
+
+def measured(stats: list[ClientStats], gains: list[tuple[float, float]], size: int = 100) -> list[ClientStats]:
+    """``stats`` with a measured (paired) gain d_k and its standard error se_k each."""
+    from dataclasses import replace
+
+    return [replace(s, paired_gain=d, paired_se=se, validation_size=size) for s, (d, se) in zip(stats, gains)]
+
+
+def test_a_measured_gain_that_is_not_resolved_leaves_fedavgs_weights():
+    settings = fgrpo_settings(gain="paired")
+    unresolved = measured(STATS, [(0.0, 0.05), (0.0, 0.1), (0.0, 0.02), (0.0, 0.3)])
+    out = fgrpo(unresolved, {}, settings)
+    assert out.weights == pytest.approx(fedavg(STATS, {}, settings).weights) and out.gains == [0.0] * 4
+    # the same improvement of 0.04 weighs by how well it is resolved: t = 0.04 / se
+    out = fgrpo(measured(STATS, [(0.04, 0.01), (0.0, 0.1), (0.04, 0.04), (0.0, 0.3)]), {}, settings)
+    assert out.gains == pytest.approx([4.0, 0.0, 1.0, 0.0])
+    shares = [s.num_prompts / 320 for s in STATS]
+    logits = [math.log(p) + min(t, 3.0) for p, t in zip(shares, out.gains)]  # clip(t, -3, 3) / tau, tau = 1
+    expected = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0).tolist()
+    assert out.weights == pytest.approx(expected) and out.weights[0] > out.weights[2] * 7.3  # e^(3 - 1)
+
+
+def test_a_measured_gain_is_compared_with_the_owners_past_gains():
+    settings = fgrpo_settings(gain="paired", baseline_momentum=0.5)
+    first = fgrpo(measured(STATS[:2], [(0.1, 0.02), (0.0, 0.02)]), {}, settings)
+    assert first.client_baselines["a"].baseline == pytest.approx(0.1)  # the first gain starts the history
+    again = fgrpo(measured(STATS[:2], [(0.1, 0.02), (0.0, 0.02)]), first.client_baselines, settings)
+    assert again.gains == pytest.approx([0.0, 0.0])  # as good as usual: FedAvg's weights again
+    assert again.weights == pytest.approx([1 / 3, 2 / 3])
+    assert again.client_baselines["a"].rounds == 2 and again.client_baselines["a"].baseline == pytest.approx(0.1)
+    floored = fgrpo(measured(STATS[:1], [(0.05, 0.0)], size=20), {}, settings)
+    assert floored.gains == pytest.approx([0.05 * 20])  # se 0 (every difference equal): floor 1 / V

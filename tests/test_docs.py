@@ -30,6 +30,10 @@ def test_every_emitted_metric_is_in_the_glossary(tmp_path):
     emitted = {re.sub(r"^(content_accuracy|accuracy|formatted)/.*", r"\1/<task>", key) for key in emitted}
     assert {"kl", "proximal_term", "epsilon", "dp_clipped"} <= emitted  # beta, proximal_mu and dp emit these too
     assert emitted <= documented, f"undocumented metrics: {sorted(emitted - documented)}"
+    kept = {key for log in (out / "completions").glob("*.log.jsonl") for line in log.read_text().splitlines()
+            for key in json.loads(line)}
+    assert {"reward/verifier", "reward/format", "train_accuracy"} <= kept  # the owner's log
+    assert kept <= documented, f"undocumented owner-log fields: {sorted(kept - documented)}"
 
 
 def test_every_relative_link_in_the_docs_resolves_in_a_clean_clone():

@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 from fgrpo.aggregation import ClientStats
 from fgrpo.cli import main
 from fgrpo.flower import wire
-from fgrpo.report import ClientUpdate
+from fgrpo.report import REWARDS, SENT_METRICS, ClientReport
 from tiny import MOVING, MOVING_ARGS, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN_CONFIG = " ".join(f"{TINY[i][2:]}={TINY[i + 1]}" for i in range(0, len(TINY), 2))
+MOVING_RUN_CONFIG = " ".join(f"{k.replace('_', '-')}={v!r}" for k, v in MOVING.items())
 
 
 def test_flower_run_config_mirrors_every_fgrpo_option():
@@ -32,9 +33,9 @@ def test_flower_run_config_mirrors_every_fgrpo_option():
 
 
 def test_reply_round_trip_keeps_the_update():
-    update = ClientUpdate(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0, 0.3), {"a": torch.ones(2, 3), "b": torch.ones(3)},
+    update = ClientReport(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0, 0.3), {"a": torch.ones(2, 3), "b": torch.ones(3)},
                           {"loss": 0.5}, 1.0, "spell_backward", "x1")
-    back = wire.content_update(wire.update_content(update))
+    back = wire.content_report(wire.report_content(update))
     assert back.stats == update.stats and back.metrics == {"loss": 0.5} and back.task == "spell_backward"
     assert back.delta.keys() == update.delta.keys() and torch.equal(back.delta["a"], torch.ones(2, 3))
 
@@ -113,6 +114,41 @@ def test_flower_simulation_equals_in_process_run(tmp_path):
     local_rows = [json.loads(x) for x in (tmp_path / "in-process" / "metrics.jsonl").read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]
     assert strip(flower_rows) == strip(local_rows)
+    exact = owner_logs(tmp_path / "in-process")  # no DP: the server receives the owners' exact statistics
+    clients = [r for r in flower_rows if r["kind"] == "client"]
+    assert len(clients) == 6 and all(r[k] == exact[(r["round"], r["client_id"])][k] for r in clients
+                                     for k in ("reward_start", "reward_end", "reward_std", "train_accuracy"))
+
+
+def owner_logs(run_dir: Path) -> dict[tuple[int, str], dict]:
+    """The owners' own logs of an in-process run, by (round, client id)."""
+    logs = (run_dir / "completions").glob("*.log.jsonl")
+    rows = [json.loads(line) for p in logs for line in p.read_text().splitlines()]
+    return {(r["round"], r["client_id"]): r for r in rows}
+
+
+def test_flower_under_dp_receives_no_exact_reward_statistic(tmp_path):
+    """dp_stats_noise > 0 on the Flower simulation: what the ServerApp received and logged equals the in-process
+    run's (same noise, same seed), and none of it is an exact reward statistic of the owner (those stay in the
+    owner's log); without the statistics' noise the exact numbers arrive (test_flower_simulation_equals_...)."""
+    moving = [a for k, v in MOVING.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    dp = ["--dp", "client", "--dp-noise", "0.01", "--dp-stats-noise", "0.5"]
+    assert main(["run", *TINY, *moving, "--rounds", "1", "--num-clients", "2", *dp,
+                 "--out", str(tmp_path / "in-process")]) == 0
+    flower_simulation(tmp_path, f"{TINY_RUN_CONFIG} {MOVING_RUN_CONFIG} rounds=1 num-clients=2 dp='client' "
+                                f"dp-noise=0.01 dp-stats-noise=0.5 out='{tmp_path / 'flower'}'", supernodes=2)
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(x)["kind"] == "client"] for name in ("flower", "in-process")}
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]
+    assert strip(rows["flower"]) == strip(rows["in-process"]) and len(rows["flower"]) == 2
+    exact = owner_logs(tmp_path / "in-process")
+    for row in rows["flower"]:
+        log = exact[(row["round"], row["client_id"])]
+        secret = {log[k] for k in ("reward_start", "reward_end", "reward_std", "reward_pooled_std", "train_accuracy",
+                                   "frac_zero_std", "loss", "grad_norm")} - {0.0, 1.0}
+        secret -= {log[k] for k in row if k in log and SENT_METRICS.get(k, REWARDS) != REWARDS}  # policy values
+        received = {v for k, v in row.items() if isinstance(v, float) and k not in ("weight", "gain", "baseline")}
+        assert not received & secret and "train_accuracy" not in row and "loss" not in row
 
 
 def test_secure_aggregation_equals_plain_aggregation(tmp_path):
@@ -229,7 +265,7 @@ def test_dp_accounting_counts_the_supernodes_when_owners_bring_their_own_data(tm
     strategy = FGRPOStrategy(cfg, fed, host, RunRecorder(tmp_path / "run", cfg, fed, host), [], {}, None, None)
     nodes = strategy.participants(1, NodesOnly([11, 12, 13, 14]))
     assert len(nodes) == 2
-    updates = [ClientUpdate(ClientStats(f"owner-{node}", 2, 0.2, 0.5, 0.3, 1.0, 0.4),
+    updates = [ClientReport(ClientStats(f"owner-{node}", 2, 0.2, 0.5, 0.3, 1.0, 0.4),
                             {k: torch.full_like(v, 1e-3) for k, v in fed.global_adapter.items()}, {}, 1.0)
                for node in nodes]
     rows = fed.finish_round(1, updates)
@@ -241,19 +277,19 @@ def test_dp_accounting_counts_the_supernodes_when_owners_bring_their_own_data(tm
 
 
 def test_sample_completions_stay_on_the_client_and_never_reach_a_message(tmp_path):
-    """What a ClientApp replies (wire.update_content) holds no completion text, while the client's
+    """What a ClientApp replies (wire.report_content) holds no completion text, while the client's
     completions-dir holds the round's samples."""
     from fgrpo.config_sources import build_config
     from fgrpo.runner import InProcessRun
 
     options = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY), 2)}
     fed = InProcessRun(build_config(overrides={**options, **MOVING, "num_clients": 2, "completion_samples": 3}))
-    update = fed.trainer.train(fed.clients[0], 1, fed.server.global_adapter, samples_dir=tmp_path / "node")
+    update = fed.trainer.train(fed.clients[0], 1, fed.server.global_adapter, owner_dir=tmp_path / "node")
     records = [json.loads(line) for line in (tmp_path / "node" / "client-0.jsonl").read_text().splitlines()]
     texts = {c["text"] for r in records for c in r["completions"]}
     prompts = {r["prompt"] for r in records}
     assert len(records) == 3 and len(prompts) == 3
-    content = wire.update_content(update)
+    content = wire.report_content(update)
     sent = [v for record in content.values() if not hasattr(record, "to_torch_state_dict")
             for v in [*record.keys(), *record.values()]]  # every key and value besides the delta's arrays
     assert len(sent) > 10

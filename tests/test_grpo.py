@@ -350,3 +350,37 @@ def test_dynamic_sampling_trains_only_on_groups_with_signal(tiny_lora):
     plain = sample_step(model, tokenizer, prompt_batches(examples, 4, seed=0), reward,
                         grpo_settings(1, prompts_per_step=4, group_size=4, max_new_tokens=3))
     assert plain.generations == 1 and torch.equal(plain.first_rewards, step.first_rewards)  # same first batch
+
+
+@pytest.mark.parametrize("form, workers", [("verifier", 0), ("verifier", 2), ("trl", 0), ("trl", 2)])
+def test_an_owners_verifier_is_called_once_per_sample_and_step(tiny_lora, form, workers):
+    """Score once: each local step calls the owner's verifier once per sample (one call of the batch in TRL's
+    form), and that one value is both the reward and the correctness train_accuracy counts."""
+    from fgrpo.rewards import GuardedReward, OwnerReward
+    from fgrpo.tasks import Example
+    from fgrpo.trl_rewards import BatchReward, RewardTerm
+
+    model, tokenizer = tiny_lora
+    seen: list[str] = []  # every completion the owner's function was asked about, in order
+
+    def verifier(prompt, completion, answer):
+        seen.append(completion)
+        return float(len(completion) % 2)
+
+    def batch_verifier(completions, **kwargs):
+        return [verifier(None, c, None) for c in completions]
+
+    owner = (OwnerReward("count", verifier) if form == "verifier"
+             else BatchReward("count", [RewardTerm("count", batch_verifier, batch=True)]))
+    rows = [Example("owner", e.prompt, e.answer, {"answer": e.answer}, columns={"prompt": e.prompt})
+            for e in tasks.train_split("spell_backward", 8, seed=0)]
+    reward = GuardedReward(owner)
+    reward.begin_round(1, workers=workers)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(0)
+    result = local_grpo(model, tokenizer, opt, prompt_batches(rows, 2, 0), reward,
+                        grpo_settings(local_steps=2, prompts_per_step=2, group_size=4, max_new_tokens=5))
+    assert len(seen) == 2 * 2 * 4  # local steps x prompts x completions: no second call for the accuracy
+    shares = [sum(len(c) % 2 >= 1 for c in seen[k:k + 8]) / 8 for k in (0, 8)]  # per step, from the same calls
+    assert result.metrics["train_accuracy"] == sum(shares) / 2
+    assert reward.take_failures() == (0, 16)

@@ -9,7 +9,7 @@ from fgrpo.aggregation import ClientStats
 from fgrpo.config_sources import build_config
 from fgrpo.flower import wire
 from fgrpo.model import autocast_context
-from fgrpo.report import ClientUpdate
+from fgrpo.report import ClientReport
 from fgrpo.runner import InProcessRun
 from tiny import MOVING, TINY
 
@@ -20,12 +20,12 @@ OPTIONS = {TINY[i][2:].replace("-", "_"): TINY[i + 1] for i in range(0, len(TINY
 def test_half_precision_delta_crosses_the_wire_exactly_in_half_the_bytes(dtype):
     gen = torch.Generator().manual_seed(0)
     delta = {"a": torch.randn(256, 256, generator=gen), "b": torch.randn(256, generator=gen)}
-    full = ClientUpdate(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0, 0.3), delta, {}, 1.0, "t", "x1")
-    half = ClientUpdate(full.stats, {k: v.to(dtype) for k, v in delta.items()}, {}, 1.0, "t", "x1")
-    full_bytes = wire.update_content(full)["delta"].count_bytes()
-    half_bytes = wire.update_content(half)["delta"].count_bytes()
+    full = ClientReport(ClientStats("c", 4, 0.1, 0.5, 0.2, 1.0, 0.3), delta, {}, 1.0, "t", "x1")
+    half = ClientReport(full.stats, {k: v.to(dtype) for k, v in delta.items()}, {}, 1.0, "t", "x1")
+    full_bytes = wire.report_content(full)["delta"].count_bytes()
+    half_bytes = wire.report_content(half)["delta"].count_bytes()
     assert half_bytes < 0.51 * full_bytes  # plus a few bytes of names and shapes
-    back = wire.content_update(wire.update_content(half))
+    back = wire.content_report(wire.report_content(half))
     assert all(back.delta[k].dtype == dtype and torch.equal(back.delta[k], half.delta[k]) for k in delta)
 
 

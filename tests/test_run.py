@@ -163,7 +163,7 @@ def test_reference_strategies_run_on_every_clients_data(tmp_path, strategy):
 
 def test_eval_reproduces_the_runs_final_accuracy(run_dir, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
-    from fgrpo.runner import evaluate_saved
+    from fgrpo.commands import evaluate_saved
 
     accuracy = evaluate_saved(str(run_dir / "adapter"), {})["accuracy"]
     assert accuracy == summary["per_task_accuracy"]

@@ -120,6 +120,24 @@ def test_pooled_client_scores_each_prompt_with_its_owners_verifier():
     assert pooled.reward(signed, "zz") == -1.0
 
 
+def test_every_built_in_reward_reports_true_correctness_with_its_reward():
+    """Score once: a reward's verdict carries the correctness train_accuracy counts (``tasks.correctness``), not
+    its scaled, noisy or inverted reward; a client's GuardedReward gives both for a batch from one call each."""
+    example = tasks.train_split("spell_backward", 1, seed=0)[0]
+    honest = [rewards.REWARD_SCALES[s] for s in ("x1", "x10", "partial", "signed")]
+    for reward in [*honest, rewards.NoisyReward(1.0, "salt"), rewards.InvertedReward()]:
+        for answer in (example.answer, "zz"):
+            verdict = reward.judge(example, answer)
+            assert verdict.correct == tasks.correctness(example, answer) and verdict.reward == reward(example, answer)
+    assert rewards.InvertedReward().judge(example, example.answer) == (0.0, 1.0, None)
+    pooled = scenarios.pooled_client(scenarios.build_scenario("scale-skew", 4, 4, seed=0), local_steps=1)
+    guarded = rewards.guarded(pooled.reward, 0.5)
+    right = [e.answer for e in pooled.train]
+    scored = guarded.score_batch(pooled.train, right, [[]] * len(right), 0)
+    assert scored.correct == [1.0] * len(right) and scored.rewards == [pooled.reward(e, a) + 0.5 * 1.0
+                                                                       for e, a in zip(pooled.train, right)]
+
+
 def test_noisy_verifiers_scenario_has_honest_flaky_and_inverted_verifiers():
     clients = scenarios.build_scenario("noisy-verifiers", 4, 20, seed=0, reward_noise=0.4)
     honest, flaky, _, inverted = (c.reward for c in clients)

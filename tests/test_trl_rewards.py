@@ -115,7 +115,9 @@ def test_trl_functions_run_end_to_end_as_trl_calls_them(tmp_path, user_module, c
             assert [c["reward"] for c in record["completions"]] == pytest.approx(expected, abs=1e-6)
     clients = {r["client_id"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                if r["kind"] == "client"}
-    assert {"reward/accuracy_reward", "reward/think_format_reward"} <= set(clients["maths"])
+    kept = {row["client_id"]: row for path in (out / "completions").glob("*.log.jsonl")
+            for row in map(json.loads, path.read_text().splitlines())}  # the owners' own logs
+    assert {"reward/accuracy_reward", "reward/think_format_reward"} <= set(kept["maths"])
     assert not any("mean_chars" in k for k in clients["chat"])  # logged metrics are not sent to the server
     assert clients["maths"]["reward_failures"] == 0.0 and clients["chat"]["reward_failures"] == 0.0
     capsys.readouterr()
@@ -149,7 +151,8 @@ def test_none_and_weights_as_trl(user_module):
     reward = GuardedReward(owner_reward("my_trl_rewards:first+0.5*my_trl_rewards:second"))
     examples = [Example("owner", "p", "a", {}, columns={"prompt": "p"})] * 4
     scores = reward.score_batch(examples, ["a", "b", "c", "d"], [[1], [2], [3], [4]], 0)
-    assert scores == [1.0, 0.0, 0.5 + 0.5 * 1.0, 0.0 + 0.5 * 2.0]
+    assert scores.rewards == [1.0, 0.0, 0.5 + 0.5 * 1.0, 0.0 + 0.5 * 2.0]
+    assert scores.correct == [1.0, 0.0, 0.5, 0.0]  # the first function's reward (None, not applicable: 0)
     assert reward.take_components() == {"reward/first": (1.0 + 0.5 + 0.0) / 3, "reward/second": (1.0 + 2.0) / 2}
     assert reward.take_failures() == (0, 4)
     with pytest.raises(ConfigError, match="is not NAME or WEIGHT"):
@@ -188,17 +191,15 @@ def test_raising_and_hanging_verifiers_under_workers_score_zero_and_are_counted(
 
     for owner in (rewards.OwnerReward("slow", verifier),  # one (prompt, completion, answer) verifier
                   BatchReward("slow", [RewardTerm("slow", verifier)])):
-        columns = {"prompt": "p"}
-        example = Example("owner", "p", "a", {}, owner.row_verifier(columns), columns=columns)
+        example = Example("owner", "p", "a", {}, columns={"prompt": "p"})
         reward = GuardedReward(owner)
         reward.begin_round(1, workers=2, timeout=0.5)
         start = time.monotonic()
         scores = reward.score_batch([example] * 5, ["ok", "boom", "hang", "ok", "hang"], [[]] * 5, 0)
-        assert scores == [1.0, 0.0, 0.0, 1.0, 0.0] and time.monotonic() - start < 5
+        assert scores.rewards == [1.0, 0.0, 0.0, 1.0, 0.0] and time.monotonic() - start < 5
         assert reward.take_failures() == (3, 5) and "timed out" in reward.last_error
-        # training's accuracy reads what the reward gave: the hanging verifier is not called again
-        assert [correctness(example, c) for c in ("ok", "hang", "boom")] == [1.0, 0.0, 0.0]
-        assert time.monotonic() - start < 5
+        # training's accuracy comes with the rewards, from the same calls: a failed or hanging sample is not correct
+        assert scores.correct == [1.0, 0.0, 0.0, 1.0, 0.0]
     release.set()
 
 
@@ -213,7 +214,7 @@ def test_a_raising_batch_costs_only_its_bad_samples(user_module):
 
     reward = GuardedReward(BatchReward("picky", [RewardTerm("picky", picky, batch=True)]))
     example = Example("owner", "p", "a", {}, columns={"prompt": "p"})
-    assert reward.score_batch([example] * 3, ["a", "boom", "c"], [[1]] * 3, 0) == [1.0, 0.0, 1.0]
+    assert reward.score_batch([example] * 3, ["a", "boom", "c"], [[1]] * 3, 0).rewards == [1.0, 0.0, 1.0]
     assert calls == [3, 1, 1, 1] and reward.take_failures() == (1, 3)  # the batch, then sample by sample
 
 
@@ -237,7 +238,10 @@ def test_trl_names(tmp_path):
     example = owner.test[0]
     messages = [{"role": "user", "content": example.prompt}]
     assert example.columns == {"prompt": messages, "solution": example.answer, "topic": "sums"}
-    # held-out accuracy: the first function, on the row as TRL passes it (a conversation: messages)
+    # held-out accuracy: the first function, on the row as TRL passes it (a conversation: messages), the judge the
+    # held-out row carries; a training row carries none (its correctness comes with its reward)
     assert owner.reward.terms[0].function is trl_rewards.accuracy_reward
     right = f"\\boxed{{{example.answer.strip('$')}}}"
     assert correctness(example, right) == 1.0 and correctness(example, "no") == 0.0
+    assert all(e.verifier is None for e in owner.train) and all(e.verifier is not None for e in owner.test)
+    assert owner.reward.judge(owner.train[0], "no") == (0.0, 0.0, None)

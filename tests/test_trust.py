@@ -126,3 +126,15 @@ def test_probes_are_disjoint_from_every_owners_prompts_and_from_evaluation():
         assert not probe_prompts & owners and not probe_prompts & evaluated, scenario
     with pytest.raises(Exception, match="probes = 150 with eval_size = 100"):
         build_config(overrides={"eval_size": 100, "probes": 150})
+
+
+def test_a_paired_gain_is_checked_against_what_its_validation_size_allows():
+    paired = replace(RULES, validation_size=50)
+    good = replace(HONEST, paired_gain=0.1, paired_se=0.03, validation_size=50)
+    assert report_problem(good, paired, 0.3) is None
+    assert "paired_gain = 1.5 is outside [-1, 1]" in report_problem(replace(good, paired_gain=1.5), paired, 0.3)
+    assert "paired_se = 0.2 is outside [0, 0.1429]" in report_problem(replace(good, paired_se=0.2), paired, 0.3)
+    assert "validation_size = 10; the server asked for 50" in report_problem(replace(good, validation_size=10),
+                                                                            paired, 0.3)
+    assert "validation_size = 50; the server asked for 0" in report_problem(good, RULES, 0.3)  # not asked for
+    assert "not finite" in report_problem(replace(good, paired_se=math.nan), paired, 0.3)

@@ -100,7 +100,7 @@ def test_two_owners_run_end_to_end_with_their_own_verifiers(tmp_path, capsys):
     evals = [r for r in rows if r["kind"] == "eval"]
     assert set(k for k in evals[-1] if k.startswith("accuracy/")) == {"accuracy/arith", "accuracy/words"}
     # held-out rows: a fixed 20% of each file, never trained on
-    # each owner's examples carry its verifier (no global registry): correctness scores them with it
+    # each owner's held-out rows carry its verifier (no global registry): correctness scores them with it
     held_out = userdata.load_owner(str(arith), "math", "prompt", "answer", False, 4).test[0]
     assert correctness(held_out, held_out.answer) == 1.0 and correctness(held_out, "no answer") == 0.0
 
@@ -162,7 +162,9 @@ def test_rows_keep_their_other_columns_for_trl_reward_functions(tmp_path):
     level = int(example.answer) - 1
     assert example.columns == {"prompt": example.prompt, "answer": example.answer, "level": level % 2,
                                "source": "gen"}  # the row as TRL's reward functions see it, never sent anywhere
-    assert isinstance(owner.reward, rewards.OwnerReward) and correctness(example, example.answer) == 1.0
+    assert isinstance(owner.reward, rewards.OwnerReward)
+    assert owner.reward.judge(example, example.answer) == (1.0, 1.0, None)  # reward and correctness, one call
+    assert correctness(owner.test[0], owner.test[0].answer) == 1.0  # a held-out row, judged by the owner's verifier
 
 
 def test_conversational_rows_run_on_the_compact_embedded_model(tmp_path):

@@ -57,6 +57,9 @@ class ClientStats:
     reward_std: float  # mean within-group reward std
     reward_range: float  # max - min of the rewards its verifier gave in this round's rollouts
     reward_pooled_std: float  # std of all rewards of a step's rollouts (prompts and completions), mean over steps
+    paired_gain: float = 0.0  # d_k: gain = paired, the mean paired score change on the owner's validation prompts
+    paired_se: float = 0.0  # se_k: its standard error over those prompts (both in units of the reward range)
+    validation_size: int = 0  # V_k: how many validation prompts (0: not measured)
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,13 @@ class FGRPOSettings:
     size_exponent: float
     gain_floor: float
     gain_spread: str = "group"
+    gain: str = "reward"  # "reward": r_end against b_k; "paired" / "probe": a measured gain d_k with its se_k
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> FGRPOSettings:
         return cls(gain_form=cfg.gain_form, tau=cfg.tau, baseline_momentum=cfg.baseline_momentum,
                    uniform_mix=cfg.uniform_mix, size_exponent=cfg.size_exponent, gain_floor=cfg.gain_floor,
-                   gain_spread=cfg.gain_spread)
+                   gain_spread=cfg.gain_spread, gain=cfg.gain)
 
 
 @dataclass
@@ -161,7 +165,9 @@ def update_baselines(stats: list[ClientStats], client_baselines: dict[str, Clien
 
 def fgrpo(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
           settings: FGRPOSettings) -> RoundWeights:
-    """FGRPO adaptive aggregation weights for one round."""
+    """FGRPO adaptive aggregation weights for one round (a measured gain: ``resolved_gain_weights``)."""
+    if settings.gain != "reward":
+        return resolved_gain_weights(stats, client_baselines, settings)
     states = init_baselines(stats, client_baselines, settings.gain_floor, settings.gain_spread)
     gains = [relative_gain(s, states[s.client_id], settings.gain_form, settings.gain_floor)
              for s in stats]
@@ -169,6 +175,32 @@ def fgrpo(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
                            settings.uniform_mix)
     return RoundWeights(weights, gains, update_baselines(stats, states, settings.baseline_momentum,
                                                             settings.gain_spread))
+
+
+T_CLIP = 3.0  # |t_k| beyond 3 standard errors counts as 3: one round's weight ratio is at most e^(2 T / tau)
+
+
+def resolved_gain_weights(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],
+                          settings: FGRPOSettings) -> RoundWeights:
+    """FGRPO with a measured gain d_k (gain = paired: the owner's; probe: the server's) and its standard error:
+
+        t_k = (d_k - b_k) / max(se_k, 1 / V_k)      b_k: the owner's past gains (EMA, 0 at first)
+        w_k ∝ n_k * exp(clip(t_k, -T, T) / tau)     T = T_CLIP
+        b_k <- m * b_k + (1 - m) * d_k
+
+    A gain that is not resolved (t_k near 0: within its standard error of the owner's usual gain) leaves
+    FedAvg's weight w_k = n_k / sum n; only a resolved gain moves it. The gains reported are the t_k."""
+    states = {s.client_id: client_baselines.get(s.client_id, ClientBaseline(0.0, 0.0, 0.0)) for s in stats}
+    t = [(s.paired_gain - states[s.client_id].baseline) / max(s.paired_se, 1 / max(s.validation_size, 1))
+         for s in stats]
+    logits = torch.tensor([math.log(p) + min(max(x, -T_CLIP), T_CLIP) / settings.tau
+                           for x, p in zip(t, data_shares(stats))], dtype=torch.float64)
+    out = dict(client_baselines)
+    for s in stats:
+        old = states[s.client_id]
+        m = settings.baseline_momentum if old.rounds else 0.0  # the first measured gain starts the history
+        out[s.client_id] = replace(old, baseline=m * old.baseline + (1 - m) * s.paired_gain, rounds=old.rounds + 1)
+    return RoundWeights(torch.softmax(logits, dim=0).tolist(), t, out)
 
 
 def fedavg(stats: list[ClientStats], client_baselines: dict[str, ClientBaseline],

@@ -13,6 +13,7 @@ def check_run(cfg: RunConfig) -> RunConfig:
     """``cfg`` if its strategy, tasks and device are valid here, else a ConfigError."""
     check_strategy(cfg)
     check_tasks(cfg)
+    check_data_files(cfg)
     if cfg.device == "cuda":
         import torch
 
@@ -34,6 +35,15 @@ def check_strategy(cfg: RunConfig) -> None:
     if (cfg.dp != "off" or cfg.secure_aggregation) and strategy.combine != "weighted":
         raise ConfigError(f"dp and secure_aggregation protect a weighted sum of the updates; strategy = "
                           f"{cfg.strategy!r} takes their median instead; use a weighted strategy (fedavg, fgrpo, ...)")
+
+
+def check_data_files(cfg: RunConfig) -> None:
+    """A data source named as a file (.jsonl, .parquet) must exist: said before any model is loaded."""
+    from pathlib import Path
+
+    for source in cfg.data_sources if cfg.scenario == "user-data" else []:
+        if Path(source).suffix in (".jsonl", ".parquet") and not Path(source).is_file():
+            raise ConfigError(f"data: {source!r} does not exist")
 
 
 def check_tasks(cfg: RunConfig) -> None:

@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(ev, only=EVAL_KEYS, default_from="the run's, else ")
     ev.set_defaults(func=cmd_eval)
 
+    _add_reading_commands(sub)
+    return parser
+
+
+def _add_reading_commands(sub) -> None:
+    """The commands that read a run: report and completions."""
     rep = sub.add_parser("report", help="redraw a run's plots and summary from metrics.jsonl",
                          description="Rebuild RUN_DIR/summary.json and RUN_DIR/plots/ from RUN_DIR/config.toml "
                          "and RUN_DIR/metrics.jsonl alone, and print the final per-task table.")
@@ -74,7 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--round", type=int, help="only this round")
     comp.add_argument("--client", help="only this client id")
     comp.set_defaults(func=cmd_completions)
-    return parser
 
 
 def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
@@ -144,21 +149,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fgrpo.runner import evaluate_saved
+    from fgrpo.commands import evaluate_saved
 
     evaluate_saved(args.adapter, _overrides(args), args.pass_k)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fgrpo.runner import report
+    from fgrpo.commands import report
 
     report(args.run_dir)
     return 0
 
 
 def cmd_completions(args: argparse.Namespace) -> int:
-    from fgrpo.runner import show_completions
+    from fgrpo.commands import show_completions
 
     show_completions(args.run_dir, args.round, args.client)
     return 0

@@ -1,32 +1,37 @@
 """The client side of a round, the same under every runtime (in-process: ``fgrpo.runner``; Flower:
 ``fgrpo.flower.client_app``): one data owner trains from the adapter the server sent.
 
-    ClientTrainer.train   start adapter -> local GRPO on the owner's prompts with its own verifier
-                          -> privatize (DP clipping and noise, when asked) -> ClientUpdate (delta_k, statistics)
+    ClientTrainer.train   load theta_t -> local GRPO on the owner's prompts with its own verifier
+                          -> delta_k = theta_k - theta_t -> (gain = paired: the owner's validation prompts scored
+                             under theta_t and theta_k) -> privatize (DP clipping and noise, when asked)
+                          -> report: the sent part (``report.ClientReport``) back to the server, the kept
+                             part (exact statistics, every metric, sample completions) to the owner's folder
 
-The owner's sample completions are written on its own side (``samples_dir``); no message carries
-them. Clients keep no state between rounds (the local optimizer starts afresh every round).
+The owner's folder (``owner_dir``: RUN_DIR/completions in-process, a SuperNode's completions-dir) is on its own
+side; no message carries what is written there. Clients keep no state between rounds (the local optimizer
+starts afresh every round).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from fgrpo import privacy
 from fgrpo.aggregation import Adapter, ClientStats
-from fgrpo.config import RunConfig
-from fgrpo.grpo import GRPOSettings, local_grpo, prompt_batches
+from fgrpo.config import ConfigError, RunConfig
+from fgrpo.grpo import GRPOSettings, LocalResult, local_grpo, prompt_batches
 from fgrpo.host import ModelHost
-from fgrpo.report import ClientUpdate, stats_of
+from fgrpo.paired import paired_difference
+from fgrpo.report import ClientReport, append_owner_log, owner_log_row, sent_metrics, stats_of
+from fgrpo.rewards import judged
 from fgrpo.rollouts import kl_to_reference
 from fgrpo.scenarios import ClientSpec
 from fgrpo.seeds import derived_seed
-from fgrpo.tasks import correctness
-from fgrpo.trust import fabricated
 
 
 class ClientTrainer:
@@ -40,12 +45,37 @@ class ClientTrainer:
                           torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.local_momentum,
                                           weight_decay=cfg.weight_decay))
 
-    def train(self, client: ClientSpec, rnd: int, start: Adapter, samples_dir: Path | None = None) -> ClientUpdate:
-        """Local GRPO from ``start``; returns delta_k and the statistics (sample completions to ``samples_dir``)."""
-        model = self.host.model
-        self.host.load(start)
-        self.optimizer.state.clear()  # clients are stateless between rounds
+    def train(self, client: ClientSpec, rnd: int, start: Adapter, owner_dir: Path | None = None) -> ClientReport:
+        """One owner's round from ``start`` (theta_t); returns what it sends, keeps the rest in ``owner_dir``."""
         seed = derived_seed(self.cfg.seed, rnd, client.client_id)
+        client, validation = held_out(client, self.cfg.validation_size if self.cfg.gain == "paired" else 0)
+        self.host.load(start)
+        t0 = time.perf_counter()
+        before = self.validation_scores(client, validation)  # theta_t on the owner's validation prompts
+        measuring = time.perf_counter() - t0
+        result, seconds = self.local_training(client, rnd, seed)
+        t0 = time.perf_counter()
+        after = self.validation_scores(client, validation)  # theta_k on the same prompts
+        measuring += time.perf_counter() - t0
+        delta = {k: (self.host.slots[k] - start[k]).detach().clone() for k in start}  # delta_k = theta_k - theta_t
+        exact = stats_of(client.client_id, client.reward.take_observed_range(), result)
+        if validation:  # d_k, se_k: the paired gain, in units of the verifier's range
+            exact = replace(exact, **dict(zip(("paired_gain", "paired_se"), paired_difference(before, after))),
+                            validation_size=len(validation))
+        metrics = {**result.metrics, **reward_metrics(client.reward),
+                   **({"validation_seconds": measuring} if validation else {})}
+        delta, stats = self.privatize(delta, exact, seed, metrics, client.reward.declared_range)
+        keep_samples(owner_dir, client.client_id, rnd, result.samples, client.reward.take_round_log())
+        append_owner_log(owner_dir, owner_log_row(rnd, exact, metrics, seconds))
+        wire = getattr(torch, self.cfg.delta_dtype)  # what the client sends (float32 by default)
+        sent = sent_metrics(metrics, stats_noised=self.cfg.dp_stats_noise > 0, local_dp=self.cfg.dp == "local")
+        return ClientReport(stats, {k: v.to(wire) for k, v in delta.items()}, sent, seconds, client.task,
+                            client.reward.name)
+
+    def local_training(self, client: ClientSpec, rnd: int, seed: int) -> tuple[LocalResult, float]:
+        """Local GRPO on the client's prompts from the loaded adapter, and the policy's KL to the base model;
+        (the result, seconds of local training: the diagnostic counts as overhead)."""
+        self.optimizer.state.clear()  # clients are stateless between rounds
         torch.manual_seed(seed)  # rollout sampling
         batches = prompt_batches(client.train, self.cfg.prompts_per_step, seed)
         settings = GRPOSettings.from_config(self.cfg, client.local_steps or self.cfg.local_steps,
@@ -53,31 +83,31 @@ class ClientTrainer:
         client.reward.begin_round(rnd, self.cfg.reward_workers, self.cfg.reward_timeout)  # TRL's trainer_state
         t0 = time.perf_counter()
         with self.host.autocast():
-            result = local_grpo(model, self.host.tokenizer, self.optimizer, batches, client.reward,
-                                settings, correctness_fn=correctness)
-        seconds = time.perf_counter() - t0  # local training only: swapping counts as overhead
+            result = local_grpo(self.host.model, self.host.tokenizer, self.optimizer, batches, client.reward,
+                                settings)
+        seconds = time.perf_counter() - t0
         with self.host.autocast():  # a diagnostic of the round, not part of a GRPO step
-            result.metrics["kl_to_reference"] = kl_to_reference(model, result.last_rollouts, self.cfg.temperature,
-                                                                result.last_logps, result.last_ref_logps)
-        keep_samples(samples_dir, client.client_id, rnd, result.samples, client.reward.take_round_log())
-        failed, total = client.reward.take_failures()  # samples whose reward raised or was not finite
-        result.metrics["reward_failures"] = failed / max(total, 1)
-        result.metrics.update(client.reward.take_components())
-        local = self.host.slots
-        delta = {k: (local[k] - start[k]).detach().clone() for k in start}
-        stats = stats_of(client.client_id, client.reward.take_observed_range(), result)
-        if client.lies:  # the lying-owner scenario: a fabricated report with an ordinary update
-            stats = fabricated(stats)
-        delta, stats = self.privatize(delta, stats, seed, result.metrics, client.reward.declared_range)
-        wire = getattr(torch, self.cfg.delta_dtype)  # what the client sends (float32 by default)
-        return ClientUpdate(stats, {k: v.to(wire) for k, v in delta.items()}, result.metrics, seconds,
-                            client.task, client.reward.name)
+            result.metrics["kl_to_reference"] = kl_to_reference(self.host.model, result.last_rollouts,
+                                                                self.cfg.temperature, result.last_logps,
+                                                                result.last_ref_logps)
+        return result, seconds
+
+    def validation_scores(self, client: ClientSpec, validation: list) -> list[float]:
+        """The owner's verifier on the loaded adapter's greedy answers, / its declared range (none: [])."""
+        if not validation:
+            return []
+        texts = self.host.greedy_texts(None, validation)
+        scale = client.reward.declared_range
+        return [judged(client.reward.reward, e, t).reward / scale for e, t in zip(validation, texts)]
 
     def privatize(self, delta: Adapter, stats: ClientStats, seed: int, metrics: dict, bound: float,
                   ) -> tuple[Adapter, ClientStats]:
-        """What DP asks of the client before anything leaves it: clipping (dp = client or local), noise
-        on the delta (local) and on the statistics (dp_stats_noise > 0, clipped to the verifier's declared
-        range ``bound``, which depends on no data); docs/privacy.md."""
+        """What DP asks of the client before anything leaves it (docs/privacy.md):
+
+            dp = client, local:   delta_k <- delta_k * min(1, C / ||delta_k||)
+            dp = local:           delta_k <- delta_k + N(0, (sigma C)^2 I)
+            dp_stats_noise > 0:   r_start, r_end, spread <- clip to [-R, R] + N(0, (sigma_s 2 sqrt(3) R)^2),
+                                  R = ``bound``, the verifier's declared range (it depends on no data)"""
         if self.cfg.dp in ("client", "local"):
             delta, clipped = privacy.clip_update(delta, self.cfg.dp_clip)
             metrics["dp_clipped"] = float(clipped)
@@ -88,6 +118,24 @@ class ClientTrainer:
             stats = privacy.privatize_stats(stats, self.cfg.dp_stats_noise, derived_seed(seed, "dp-stats"), bound,
                                             self.cfg.gain_spread)
         return delta, stats
+
+
+def held_out(client: ClientSpec, size: int) -> tuple[ClientSpec, list]:
+    """(the client training on all but its first ``size`` prompts, those prompts): its validation split, never
+    trained on and never sent (the same prompts every round). ``size`` 0: the client as it is, none."""
+    if not size:
+        return client, []
+    if len(client.train) <= size:
+        raise ConfigError(f"validation_size = {size}: client {client.client_id} has {len(client.train)} prompts; "
+                          "it needs more than that to train on the rest")
+    return replace(client, train=client.train[size:]), client.train[:size]
+
+
+def reward_metrics(reward) -> dict[str, float]:
+    """What the owner's reward observed this round: the share of samples whose reward raised or was not finite,
+    and each reward component's mean (reward/<name>)."""
+    failed, total = reward.take_failures()
+    return {"reward_failures": failed / max(total, 1), **reward.take_components()}
 
 
 def keep_samples(folder: Path | None, client_id: str, rnd: int, samples: list[dict],

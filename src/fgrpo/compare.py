@@ -6,9 +6,8 @@
     OUT/plots/accuracy-<scenario>.png                           macro accuracy vs round, mean and seed band
     OUT/plots/weights-<scenario>.png                            aggregation weights per client per round
 
-A run whose directory already holds summary.json is reused; one with checkpoints but no summary is
-resumed; so an interrupted comparison continues where it stopped. The directory name carries a
-hash of the run's whole config, so a changed setting never reuses a stale run.
+A run whose directory holds summary.json is reused, one with checkpoints but no summary resumed: an interrupted
+comparison continues where it stopped. The directory name hashes the run's config: no stale run is reused.
 """
 
 from __future__ import annotations
@@ -29,9 +28,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fgrpo import strategies
+from fgrpo.compare_report import evals_of, plot_scenario, signal_of, write_weights
 from fgrpo.config import ConfigError, RunConfig
 from fgrpo.config_sources import build_config, preset_data
-from fgrpo.rundir import read_metrics
 
 LAST_ROUNDS = 3  # "spread over the last rounds": std of macro accuracy over the last 3 evaluations
 REFERENCE = "fedavg"  # every strategy's final content accuracy minus this one's, paired by seed
@@ -59,8 +58,7 @@ class Plan:
 
 
 def load_preset(name_or_path: str) -> Plan:
-    """A preset TOML (a packaged name such as ``main`` or a file): a [compare] table with
-    strategies, scenarios, seeds and target, and a [run] table of config keys."""
+    """A preset TOML (packaged name or file): [compare] strategies, scenarios, seeds, target; [run] config keys."""
     data, source = preset_data(name_or_path)
     spec = data.get("compare", {})
     missing = [k for k in ("strategies", "scenarios", "seeds") if k not in spec]
@@ -141,6 +139,10 @@ def run_comparison(plan: Plan, out: Path, jobs: int = 1, console: Console | None
     write_weights(plan, runs, out)
     for scenario in plan.scenarios:
         plot_scenario(plan, runs, scenario, out / "plots")
+    for scenario in plan.scenarios:  # the yardstick of every gain the weights were made of
+        for strategy in plan.strategies:
+            if (signal := signal_of(runs, strategy, scenario)).pairs:
+                console.print(f"{scenario} {escape(strategy)}: {signal.line()}")
     console.print(f"table: {out / 'table.md'}")
     if failures:
         console.print(f"[red]{len(failures)} run(s) failed[/red]: " + "; ".join(failures))
@@ -156,11 +158,6 @@ def _collect(name: str, cfg: RunConfig, result, failures: list[str], console: Co
     except Exception as err:  # one failed run must not cost the others; it is listed at the end
         failures.append(f"{cfg.out}: {type(err).__name__}: {err}")
         console.print(f"[red]{cfg.scenario} {escape(name)} seed {cfg.seed} failed[/red]: {escape(str(err))}")
-
-
-def _evals(run_dir: str) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [r for r in read_metrics(path) if r["kind"] == "eval"] if path.exists() else []
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -192,7 +189,7 @@ def summarize_runs(plan: Plan, runs: list[tuple[str, RunConfig]]) -> list[dict]:
                 if name != strategy or cfg.scenario != scenario or not summary_path.exists():
                     continue
                 summary = json.loads(summary_path.read_text())
-                evals = _evals(cfg.out)
+                evals = evals_of(cfg.out)
                 finals.append(summary["final_macro_accuracy"])
                 seed_finals[cfg.seed] = _final_content(summary)
                 worst.append(summary["final_worst_task_accuracy"])
@@ -289,109 +286,3 @@ def write_tables(rows: list[dict], out: Path) -> None:
                          f"{sep['seeds_to_resolve']} seeds would put a {100 * RESOLVE_POINTS:.0f}-point difference "
                          "2 standard errors from zero"), ""]
     (out / "table.md").write_text("\n".join(lines))
-
-
-def write_weights(plan: Plan, runs: list[tuple[str, RunConfig]], out: Path) -> None:
-    """weights.md: per scenario and strategy, each client's aggregation weight per round and its mean
-    update norm and gain, averaged over the seeds (what explains a gap between strategies). A client the
-    server left out in a round (a warning row naming it and no client row: screened, rejected by the
-    probes, or failed) counts with weight 0 in that round's mean."""
-    lines = ["# Aggregation weights and update norms per client (mean over seeds)", ""]
-    for scenario in plan.scenarios:
-        tables = []
-        for strategy in plan.strategies:
-            cells: dict[str, dict[int, list[float]]] = {}  # client label -> round -> weights over seeds
-            norms: dict[str, list[float]] = {}
-            gains: dict[str, list[float]] = {}
-            for name, cfg in runs:
-                path = Path(cfg.out) / "metrics.jsonl"
-                if name != strategy or cfg.scenario != scenario or not path.exists():
-                    continue
-                rows = read_metrics(path)
-                labels: dict[str, str] = {}  # client id -> label, for the clients this run weighted
-                for r in rows:
-                    if r["kind"] != "client" or r.get("weight") is None:
-                        continue
-                    label = labels[r["client_id"]] = f"{r['client_id']} ({r['task'][:18]}, {r['reward_scale']})"
-                    cells.setdefault(label, {}).setdefault(r["round"], []).append(r["weight"])
-                    norms.setdefault(label, []).append(r.get("update_norm", math.nan))
-                    if r.get("gain") is not None:
-                        gains.setdefault(label, []).append(r["gain"])
-                weighted = {(r["client_id"], r["round"]) for r in rows if r["kind"] == "client"}
-                left_out = {(r["client_id"], r["round"]) for r in rows
-                            if r["kind"] == "warning" and r.get("client_id") in labels} - weighted
-                for client_id, rnd in left_out:
-                    cells[labels[client_id]].setdefault(rnd, []).append(0.0)
-            if not cells:
-                continue
-            rounds = sorted({rnd for by_round in cells.values() for rnd in by_round})
-            tables += [f"**{strategy}**", "",
-                       "| client | " + " | ".join(f"w round {rnd}" for rnd in rounds) + " | update norm | gain |",
-                       "|---|" + "---|" * (len(rounds) + 2)]
-            for label in sorted(cells):
-                weights = [f"{statistics.fmean(cells[label][rnd]):.2f}" if rnd in cells[label] else "-"
-                           for rnd in rounds]
-                gain = f"{statistics.fmean(gains[label]):+.2f}" if label in gains else "-"
-                tables.append(f"| {label} | " + " | ".join(weights) +
-                              f" | {statistics.fmean(norms[label]):.2f} | {gain} |")
-            tables.append("")
-        if tables:
-            lines += [f"## {scenario}", ""] + tables
-    (out / "weights.md").write_text("\n".join(lines))
-
-
-def plot_scenario(plan: Plan, runs: list[tuple[str, RunConfig]], scenario: str, plots: Path) -> None:
-    """Macro accuracy vs round (mean over seeds, band = min..max over seeds) per strategy, and the
-    aggregation weights per client per round (first seed) of every strategy whose weights vary."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    weight_runs = []
-    for strategy in plan.strategies:
-        curves = [_evals(c.out) for n, c in runs if n == strategy and c.scenario == scenario]
-        curves = [c for c in curves if c]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        rounds = [e["round"] for e in curves[0][:n]]
-        values = [[c[i]["macro_accuracy"] for c in curves] for i in range(n)]
-        line, = ax.plot(rounds, [statistics.fmean(v) for v in values], marker=".", label=strategy)
-        ax.fill_between(rounds, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
-                        alpha=0.15)
-        first = next(c for n_, c in runs if n_ == strategy and c.scenario == scenario)
-        if strategies.STRATEGIES[first.strategy].adaptive:
-            weight_runs.append((strategy, first.out))
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out macro accuracy (greedy)")
-    ax.set_title(f"{scenario}: mean over seeds, band = min..max")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plots / f"accuracy-{scenario}.png", dpi=120)
-    plt.close(fig)
-    weight_runs = [(s, d) for s, d in weight_runs if (Path(d) / "metrics.jsonl").exists()]
-    if not weight_runs:
-        return
-    fig, axes = plt.subplots(1, len(weight_runs), figsize=(4.2 * len(weight_runs), 3.6), squeeze=False)
-    for ax, (strategy, run_dir) in zip(axes[0], weight_runs):
-        clients: dict[str, list[tuple[int, float]]] = {}
-        for r in read_metrics(Path(run_dir) / "metrics.jsonl"):
-            if r["kind"] == "client":
-                clients.setdefault(f"{r['client_id']} ({r['task'][:18]}, {r['reward_scale']})", []).append(
-                    (r["round"], r["weight"]))
-        for label, points in clients.items():
-            ax.plot(*zip(*points), marker=".", label=label)
-        ax.set_title(f"{strategy} (seed {plan.seeds[0]})", fontsize=10)
-        ax.set_xlabel("round")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("aggregation weight w_k")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"{scenario}: aggregation weights per client")
-    fig.tight_layout()
-    fig.savefig(plots / f"weights-{scenario}.png", dpi=120)
-    plt.close(fig)

@@ -23,6 +23,7 @@ SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 GAIN_FORMS = ("z", "ratio")
 GAIN_SPREADS = ("group", "pooled")
+GAINS = ("reward", "paired", "probe")
 SCALE_REWARDS = ("group", "none")
 
 
@@ -151,19 +152,24 @@ class RunConfig:
     baseline_momentum: float = _f(0.5, "EMA momentum of each client's baseline and spread, in [0, 1).")
     uniform_mix: float = _f(0.1, "Mix of the uniform distribution into the weights (lambda), in [0, 1].")
     size_exponent: float = _f(0.0, "Exponent alpha on the data share p_k (0 ignores data size).")
-    max_weight: float = _f(1.0, "Largest aggregation weight one client may get in a round, in (0, 1] (at least "
-                           "1 / |S| is used); a larger weight is cut and the excess shared by the others in "
-                           "proportion. Under central DP the noise is calibrated to this bound instead of the "
-                           "round's largest weight. 1: no bound.")
-    max_weight_ratio: float = _f(1.6, "Largest aggregation weight one client may get in a round as a multiple of "
-                                 "the uniform weight 1 / |S|, under every weighted strategy (1.6: at most 0.4 of "
-                                 "four clients, 0.8 of two); cut like max_weight (the smaller bound applies). What "
-                                 "an owner that lies about its statistics can still get: docs/trust.md. 0: no bound.")
+    max_weight_ratio: float = _f(1.6, "The one weight bound: the largest aggregation weight one client may get in a "
+                                 "round, as a multiple of the uniform weight 1 / |S|, under every weighted strategy "
+                                 "(1.6: at most 0.4 of four clients, 0.8 of two); a larger weight is cut and the "
+                                 "excess shared by the others in proportion. Under central DP an adaptive strategy's "
+                                 "noise is calibrated to this bound (docs/privacy.md). What an owner that lies about "
+                                 "its statistics can still get: docs/trust.md. 0: no bound.")
     gain_floor: float = _f(0.05, "Floor of the gain denominator, as a fraction of the client's "
                            "reward range.")
     gain_spread: str = _f("group", "FGRPO's spread s_k in the z gain: 'group' = the mean within-group reward "
                           "std (docs/algorithm.md), 'pooled' = the std of all of a step's rewards, across prompts "
                           "(the named variant that does not collapse with the policy's diversity).")
+    gain: str = _f("reward", "What FGRPO's gain is measured on: 'reward' = r_end against the owner's baseline; "
+                   "'paired' = each owner's paired before/after greedy score on validation_size prompts of its "
+                   "own, with its standard error; 'probe' = the change of the server's probe accuracy that the "
+                   "update makes alone (needs probes). docs/algorithm.md, section 3.")
+    validation_size: int = _f(100, "gain = 'paired': prompts each owner holds out of its training data (never "
+                              "trained on, never sent) and scores greedily before and after local training (100: "
+                              "about 10% of a default round's local time, 20% with 5 local steps).")
     # --- owners that cannot be trusted (docs/trust.md) ----------------------------------------------
     check_reports: bool = _f(True, "Check every client's report before weighing it (finite numbers, a prompt count "
                              "the server asked for, rewards and spreads consistent with the client's own reward "
@@ -235,7 +241,7 @@ class RunConfig:
         """Keys with a fixed set of valid values, and the task names."""
         choices = {
             "scenario": SCENARIOS, "loss_type": LOSS_TYPES,
-            "gain_form": GAIN_FORMS, "gain_spread": GAIN_SPREADS, "scale_rewards": SCALE_REWARDS,
+            "gain_form": GAIN_FORMS, "gain_spread": GAIN_SPREADS, "gain": GAINS, "scale_rewards": SCALE_REWARDS,
             "server_optimizer": SERVER_OPTIMIZERS,
             "lora_aggregation": ("fedit", "ffa"), "delta_dtype": ("float32", "bfloat16", "float16"),
             "dp": ("off", "server", "client", "local"), "local_optimizer": LOCAL_OPTIMIZERS,
@@ -269,6 +275,8 @@ class RunConfig:
         if self.dp_stats_noise > 0 and self.dp == "off":
             raise ConfigError(f"dp_stats_noise = {self.dp_stats_noise} needs dp = 'server', 'client' or 'local' "
                               "(the statistics alone would be private while the updates are not)")
+        if self.gain == "probe" and not self.probes:
+            raise ConfigError("gain = 'probe' measures each update on the server's probes; set probes > 0 too")
         if self.probes and self.eval_size + self.probes > 200:
             raise ConfigError(f"probes = {self.probes} with eval_size = {self.eval_size}: the probes follow the "
                               f"evaluation prompts in each task's 200 held-out prompts; use probes <= "
@@ -366,8 +374,8 @@ RANGES: dict[str, tuple[Any, str]] = {
                     _NON_NEGATIVE),
     "epsilon_low": (lambda v: 0 <= v < 1, "0 <= epsilon_low < 1"),
     "uniform_mix": (lambda v: 0 <= v <= 1, "0 <= value <= 1"),
-    "max_weight": (lambda v: 0 < v <= 1, "0 < max_weight <= 1"),
     "max_weight_ratio": (lambda v: v == 0 or v >= 1, "0 (off) or >= 1 (1: every weight uniform)"),
+    "validation_size": (lambda v: v >= 2, ">= 2 prompts"),
     "probes": (lambda v: 0 <= v <= 199, "0 (off) to 199 prompts per task"),
     "probe_margin": (lambda v: 0 <= v <= 1, "0 <= probe_margin <= 1"),
     "reward_noise": (lambda v: 0 <= v <= 1, "0 <= reward_noise <= 1"),

@@ -64,11 +64,22 @@ def load_toml(file: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
 
 
+# keys that no longer exist: (the value that did nothing, what replaces the key); an old config.toml with the
+# value that did nothing still loads (fgrpo report, eval, --resume of an earlier run)
+RETIRED = {"max_weight": (1.0, "max_weight_ratio, the one weight bound as a multiple of 1 / |S| (max_weight = w "
+                               "with n clients per round is max_weight_ratio = w * n)")}
+
+
 def _known(values: dict[str, Any], source: str) -> dict[str, Any]:
     names = [f.name for f in config_fields()]
     out = {}
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
+        if key in RETIRED:
+            inert, instead = RETIRED[key]
+            if value == inert:
+                continue
+            raise ConfigError(f"{raw_key} = {value!r} in {source}: {raw_key!r} was replaced by {instead}")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -1,6 +1,8 @@
 """Greedy evaluation of the global model: accuracy (correctness, not any client's reward scale),
 content accuracy, the same answers forgiven their format (``tasks.content_correctness``), and the share
-of answers in the documented form (``rewards.format_reward``)."""
+of answers in the documented form (``rewards.format_reward``). A built-in task's prompts are judged by
+reasoning-gym's scorer, an owner's held-out rows by the verifier they carry (``Example.verifier``, set by
+``userdata.load_owner``: the owner's first reward function), each called here, with no cache in between."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Local GRPO: what one client does in one round, readable top to bottom.
+"""Local GRPO: what one client does in one round, readable top to bottom (``local_grpo``), each local step
 
-    rollout -> rewards -> group_advantages -> grpo_loss -> AdamW step on the LoRA parameters
+    sample_step (rollouts; rewards and correctness from one call of the reward) -> group_advantages
+    -> policy_update (mu x: grpo_loss [+ FedProx] -> AdamW step on the LoRA parameters) -> step_metrics
 
 For a batch of B prompts, G completions each are sampled from the current policy (pi_old) by
 ``fgrpo.rollouts.generate``: batched, KV-cached sampling, token for token what transformers'
@@ -28,21 +29,19 @@ taken on logits / temperature (the sampling distribution), with position ids com
 attention mask, as ``generate`` does for left-padded prompts. All of this matches TRL's
 GRPOTrainer loss (tests/test_trl_parity.py).
 
-Rollouts in a lower precision (``rollout_precision = bfloat16``, ``fgrpo.sampler``) are drawn from
-pi_sampler, not pi_old; ``sampler_correction`` then multiplies the surrogate by w = min(rho, cap) or
-rho·[rho <= cap] with rho = pi_old / pi_sampler per token or per sequence, as TRL corrects vLLM
-rollouts (default: sequence_mask, cap 3). In float32 the sampler is pi_old and nothing is reweighted.
+Rollouts in a lower precision (``rollout_precision = bfloat16``, ``fgrpo.sampler``) are drawn from pi_sampler, not
+pi_old: ``rollout_weights`` reweights the surrogate as TRL corrects vLLM rollouts; in float32 nothing is reweighted.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
 
 import torch
 
+from fgrpo.config import RunConfig
 from fgrpo.model import lora_layers_replaced
 from fgrpo.rewards import RewardFn
 from fgrpo.rollouts import (
@@ -55,9 +54,6 @@ from fgrpo.rollouts import (
     select_groups,
 )
 from fgrpo.tasks import Example
-
-if TYPE_CHECKING:
-    from fgrpo.config import RunConfig
 
 
 def prompt_batches(examples: list[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
@@ -219,14 +215,15 @@ class LocalResult:
     last_ref_logps: torch.Tensor | None = field(default=None, repr=False)  # and under pi_ref when beta != 0
 
 
-def completion_samples(examples: list[Example], texts: list[str], rewards: torch.Tensor, advantages: torch.Tensor,
-                       group_size: int) -> list[dict]:
-    """One record per prompt of ``examples`` (the first of a step's batch): its completions with reward
-    and advantage. They stay with the data owner; nothing of them is sent to the server."""
+def completion_samples(step: StepRollouts, cfg: GRPOSettings) -> list[dict]:
+    """One record per prompt of the first ``cfg.completion_samples`` of a step's first batch: its completions with
+    reward and advantage (A_i in the plain sample). They stay with the data owner; none is sent to the server."""
+    rewards, g = step.first_rewards, cfg.group_size
+    advantages = group_advantages(rewards, g, cfg.scale_rewards == "group")
     return [{"prompt": e.prompt, "answer": e.answer,
-             "completions": [{"text": texts[i * group_size + j], "reward": float(rewards[i * group_size + j]),
-                              "advantage": float(advantages[i * group_size + j])} for j in range(group_size)]}
-            for i, e in enumerate(examples)]
+             "completions": [{"text": step.first_texts[i * g + j], "reward": float(rewards[i * g + j]),
+                              "advantage": float(advantages[i * g + j])} for j in range(g)]}
+            for i, e in enumerate(step.examples[:cfg.completion_samples])]
 
 
 @dataclass
@@ -239,36 +236,43 @@ class StepRollouts:
     first_rewards: torch.Tensor  # [B*G] of the first batch: r_start / r_end, the reward std, samples
     first_texts: list[str]
     generations: int  # generate calls this step
+    first_correct: list[float] | None = None  # [B*G] correctness of the first batch (None: the reward gives none)
 
 
-def score(reward_fn: RewardFn, rows: list[Example], rollouts: Rollouts, step: int) -> torch.Tensor:
-    """[N] rewards of a batch's completions: by the reward's ``score_batch`` when it has one (a client's
-    ``GuardedReward``: TRL-form functions get the batch, the completion ids and ``step``; reward workers),
-    else one call per sample."""
+def score(reward_fn: RewardFn, rows: list[Example], rollouts: Rollouts, step: int) -> tuple[torch.Tensor, list | None]:
+    """([N] rewards, [N] correctness) of a batch's completions, from one call: the reward's ``score_batch`` when it
+    has one (a client's ``GuardedReward``: TRL-form functions get the batch, the completion ids and ``step``; reward
+    workers), else one call per sample and no correctness."""
     if not hasattr(reward_fn, "score_batch"):
-        return torch.tensor([reward_fn(e, t) for e, t in zip(rows, rollouts.texts)])
+        return torch.tensor([reward_fn(e, t) for e, t in zip(rows, rollouts.texts)]), None
     lengths = rollouts.completion_mask.sum(1).tolist()  # up to and including the EOS, as TRL's completion_ids
     ids = [row[:n] for row, n in zip(rollouts.completion_ids.tolist(), lengths)]
-    return torch.tensor(reward_fn.score_batch(rows, rollouts.texts, ids, step))
+    scored = reward_fn.score_batch(rows, rollouts.texts, ids, step)
+    return torch.tensor(scored.rewards), scored.correct
 
 
 def sample_step(model, tokenizer, batches: Iterator[list[Example]], reward_fn: RewardFn, cfg: GRPOSettings,
                 step: int = 0) -> StepRollouts:
-    """A step's rollouts and rewards (``step``: local steps done before this one). With ``dynamic_sampling = K``
-    (DAPO), groups whose rewards are all equal carry no signal and are replaced by groups of further prompts,
-    with at most K extra generate calls; the step trains on at most B groups with signal (on the first batch
-    when none has any)."""
-    def draw() -> tuple[list[Example], Rollouts, torch.Tensor]:
+    """A step's rollouts, rewards and correctness (``step``: local steps done before this one); with
+    ``dynamic_sampling``, groups without signal replaced (``resample_groups``)."""
+    def draw() -> tuple[list[Example], Rollouts, torch.Tensor, list[float] | None]:
         examples = next(batches)
         rollouts = generate(model, tokenizer, prompt_texts(tokenizer, examples), cfg.group_size,
                             cfg.max_new_tokens, cfg.temperature, cfg.top_p, precision=cfg.rollout_precision)
         rows = [e for e in examples for _ in range(cfg.group_size)]  # N = B*G
-        return examples, rollouts, score(reward_fn, rows, rollouts, step)
+        return examples, rollouts, *score(reward_fn, rows, rollouts, step)
 
-    examples, rollouts, rewards = draw()
-    first = StepRollouts(examples, rollouts, rewards, rewards, rollouts.texts, 1)
-    if not cfg.dynamic_sampling:
-        return first
+    examples, rollouts, rewards, correct = draw()
+    first = StepRollouts(examples, rollouts, rewards, rewards, rollouts.texts, 1, correct)
+    return resample_groups(first, lambda: draw()[1:3], tokenizer, cfg) if cfg.dynamic_sampling else first
+
+
+def resample_groups(first: StepRollouts, draw: Callable[[], tuple[Rollouts, torch.Tensor]], tokenizer,
+                    cfg: GRPOSettings) -> StepRollouts:
+    """Dynamic sampling (DAPO), ``dynamic_sampling = K``: groups whose rewards are all equal (std_g r = 0) carry no
+    signal and are replaced by groups of further prompts (``draw``), with at most K extra generate calls; the step
+    trains on at most B groups with signal (on the first batch when none has any)."""
+    rollouts, rewards = first.rollouts, first.rewards
     kept: list[tuple[Rollouts, torch.Tensor]] = []
     while True:
         signal = (rewards.view(-1, cfg.group_size).std(dim=1) > 0).nonzero().flatten().tolist()
@@ -276,14 +280,13 @@ def sample_step(model, tokenizer, batches: Iterator[list[Example]], reward_fn: R
         groups = sum(len(r.texts) for r, _ in kept) // cfg.group_size
         if groups >= cfg.prompts_per_step or first.generations > cfg.dynamic_sampling:
             break
-        _, rollouts, rewards = draw()
+        rollouts, rewards = draw()
         first.generations += 1
     if groups == 0:
         return first
-    n = cfg.prompts_per_step * cfg.group_size
     first.rollouts = select_groups(concat_rollouts([r for r, _ in kept if r.texts], tokenizer.pad_token_id),
                                    list(range(min(groups, cfg.prompts_per_step))))
-    first.rewards = torch.cat([w for _, w in kept])[:n]
+    first.rewards = torch.cat([w for _, w in kept])[:cfg.prompts_per_step * cfg.group_size]
     return first
 
 
@@ -299,70 +302,98 @@ def old_and_ref_logps(model, rollouts: Rollouts, cfg: GRPOSettings) -> tuple[tor
     return old_logps, ref_logps
 
 
+def rollout_weights(pi_old: torch.Tensor, rollouts: Rollouts, cfg: GRPOSettings) -> tuple[torch.Tensor | None, dict]:
+    """Rollouts of a lower-precision sampler: w = min(rho, cap) or rho * [rho <= cap], rho = pi_old / pi_sampler per
+    token or per sequence (``sampler_correction``; default sequence_mask, cap 3; ``off``: no weights, the metrics
+    only). float32: the sampler is pi_old, nothing is reweighted (None, {})."""
+    if rollouts.precision == "float32" or rollouts.sampler_logps is None:
+        return None, {}
+    weights, stats = sampler_correction(pi_old, rollouts.sampler_logps, rollouts.completion_mask,
+                                        cfg.sampler_correction, cfg.sampler_correction_cap)
+    return (None if cfg.sampler_correction == "off" else weights), stats
+
+
+def proximal(loss: torch.Tensor, params: list, anchor: list | None, mu: float, metrics: dict) -> torch.Tensor:
+    """FedProx: L + mu/2 * ||theta - theta_global||^2, ``anchor`` = theta_global (None: L as it is)."""
+    if anchor is None:
+        return loss
+    drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))  # ||theta - theta_global||^2
+    metrics["proximal_term"] = drift.item()
+    return loss + 0.5 * mu * drift
+
+
+@dataclass
+class StepUpdate:
+    """What a step's updates leave: the last one's loss, grad norm, metrics, entropy; pi_old's, pi_ref's log-probs."""
+
+    loss: float
+    grad_norm: float
+    metrics: dict[str, float]
+    entropy: torch.Tensor  # [N, C]
+    pi_old: torch.Tensor  # [N, C] log-probs of the policy the rollouts were trained from
+    ref_logps: torch.Tensor | None  # [N, C] under pi_ref (None: beta = 0)
+
+
+def policy_update(model, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], anchor: list | None,
+                  rollouts: Rollouts, advantages: torch.Tensor, cfg: GRPOSettings) -> StepUpdate:
+    """The mu inner iterations on one step's rollouts: theta <- AdamW(theta, grad L), L the clipped surrogate
+    (``grpo_loss``, reweighted by ``rollout_weights``) plus the FedProx term, gradients clipped to max_grad_norm."""
+    old_logps, ref_logps = old_and_ref_logps(model, rollouts, cfg)  # without dropout: the model is in eval mode
+    model.train()
+    weights, sampler_stats = None, {}
+    for iteration in range(cfg.mu):
+        logps, entropy = per_token_logps_and_entropy(model, rollouts, cfg.temperature)
+        if iteration == 0:
+            pi_old = logps.detach() if old_logps is None else old_logps  # the policy the rollouts train from
+            weights, sampler_stats = rollout_weights(pi_old, rollouts, cfg)
+        loss, metrics = grpo_loss(logps, old_logps, ref_logps, advantages, rollouts.completion_mask, cfg.loss_type,
+                                  cfg.beta, cfg.epsilon_low, cfg.epsilon_high, cfg.max_new_tokens,
+                                  cfg.kl_bias_correction, weights)
+        metrics.update(sampler_stats)
+        proximal(loss, params, anchor, cfg.proximal_mu, metrics).backward()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                     if cfg.max_grad_norm > 0 else torch.tensor(0.0))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return StepUpdate(loss.item(), float(grad_norm), metrics, entropy, pi_old, ref_logps)
+
+
+def step_metrics(step: StepRollouts, update: StepUpdate, cfg: GRPOSettings, eos_token_id: int) -> dict[str, float]:
+    """One local step's metrics: the update's, the plain sample's (``rollout_metrics``), generate calls (dynamic
+    sampling), and train_accuracy = share of the first batch's completions with correctness >= 1 (when the reward
+    gives correctness)."""
+    out = {"loss": update.loss, "grad_norm": update.grad_norm, **update.metrics,
+           **rollout_metrics(step.rollouts, step.first_rewards, cfg.group_size, update.entropy, eos_token_id)}
+    if cfg.dynamic_sampling:
+        out["generations_per_step"] = float(step.generations)
+    if step.first_correct is not None:
+        out["train_accuracy"] = sum(c >= 1.0 for c in step.first_correct) / len(step.first_correct)
+    return out
+
+
 def local_grpo(model, tokenizer, optimizer: torch.optim.Optimizer, batches: Iterator[list[Example]],
-               reward_fn: RewardFn, cfg: GRPOSettings, correctness_fn: RewardFn | None = None,
-               ) -> LocalResult:
-    """Run ``cfg.local_steps`` GRPO steps on the model's active adapter; returns the statistics."""
+               reward_fn: RewardFn, cfg: GRPOSettings) -> LocalResult:
+    """Run ``cfg.local_steps`` GRPO steps on the model's active adapter; returns the statistics (metrics: the
+    mean over the steps)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None  # theta_global
+    anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None  # theta_global (FedProx)
     sums: dict[str, float] = {}
-    step_rewards: list[float] = []
-    samples: list[dict] = []
+    step_rewards: list[float] = []  # mean reward of each step's plain sample
     for step_index in range(cfg.local_steps):
         model.eval()  # sampling and old/ref log-probs without dropout
-        step_rollouts = sample_step(model, tokenizer, batches, reward_fn, cfg, step_index)
-        rollouts, rewards = step_rollouts.rollouts, step_rollouts.rewards  # what the step trains on
-        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards == "group")
-        advantages = advantages.to(rollouts.prompt_ids.device)
-        first_rewards = step_rollouts.first_rewards  # [B*G]: the policy's plain sample, for the statistics
-        if not step_rewards and cfg.completion_samples:  # the first step's first prompts
-            examples = step_rollouts.examples[:cfg.completion_samples]
-            plain = group_advantages(first_rewards, cfg.group_size, cfg.scale_rewards == "group")
-            samples = completion_samples(examples, step_rollouts.first_texts, first_rewards, plain, cfg.group_size)
-        old_logps, ref_logps = old_and_ref_logps(model, rollouts, cfg)
-        corrected = rollouts.precision != "float32" and rollouts.sampler_logps is not None
-        sampler_stats: dict[str, float] = {}
-        weights = None
-        model.train()
-        for iteration in range(cfg.mu):
-            logps, entropy = per_token_logps_and_entropy(model, rollouts, cfg.temperature)
-            if iteration == 0:
-                pi_old = logps.detach() if old_logps is None else old_logps  # the policy the rollouts train from
-                if corrected:  # the sampler was a lower-precision copy of pi_old
-                    weights, sampler_stats = sampler_correction(pi_old, rollouts.sampler_logps,
-                                                                rollouts.completion_mask, cfg.sampler_correction,
-                                                                cfg.sampler_correction_cap)
-                    weights = None if cfg.sampler_correction == "off" else weights
-            loss, loss_metrics = grpo_loss(logps, old_logps, ref_logps, advantages,
-                                           rollouts.completion_mask, cfg.loss_type, cfg.beta,
-                                           cfg.epsilon_low, cfg.epsilon_high, cfg.max_new_tokens,
-                                           cfg.kl_bias_correction, weights)
-            loss_metrics.update(sampler_stats)
-            total = loss
-            if anchor is not None:  # FedProx: + mu/2 * ||theta - theta_global||^2
-                proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-                total = loss + 0.5 * cfg.proximal_mu * proximal
-                loss_metrics["proximal_term"] = proximal.item()
-            total.backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                         if cfg.max_grad_norm > 0 else torch.tensor(0.0))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        step_rewards.append(first_rewards.mean().item())
-        step = {"loss": loss.item(), "grad_norm": float(grad_norm), **loss_metrics,
-                **rollout_metrics(rollouts, first_rewards, cfg.group_size, entropy, tokenizer.eos_token_id)}
-        if cfg.dynamic_sampling:
-            step["generations_per_step"] = float(step_rollouts.generations)
-        if correctness_fn is not None:
-            rows = [e for e in step_rollouts.examples for _ in range(cfg.group_size)]
-            step["train_accuracy"] = sum(correctness_fn(e, t) >= 1.0 for e, t in
-                                         zip(rows, step_rollouts.first_texts)) / len(rows)
-        for key, value in step.items():
+        step = sample_step(model, tokenizer, batches, reward_fn, cfg, step_index)  # o_i ~ pi_old, r_i
+        advantages = group_advantages(step.rewards, cfg.group_size, cfg.scale_rewards == "group")  # A_i
+        advantages = advantages.to(step.rollouts.prompt_ids.device)
+        if step_index == 0:
+            samples = completion_samples(step, cfg)
+        update = policy_update(model, optimizer, params, anchor, step.rollouts, advantages, cfg)
+        step_rewards.append(step.first_rewards.mean().item())
+        for key, value in step_metrics(step, update, cfg, tokenizer.eos_token_id).items():
             sums[key] = sums.get(key, 0.0) + value
     model.eval()
     metrics = {key: value / cfg.local_steps for key, value in sums.items()}
     return LocalResult(num_prompts=cfg.local_steps * cfg.prompts_per_step,
                        reward_start=step_rewards[0], reward_end=step_rewards[-1],
-                       reward_std=metrics["reward_std"],
-                       reward_pooled_std=metrics["reward_pooled_std"], metrics=metrics, samples=samples,
-                       last_rollouts=rollouts, last_logps=pi_old, last_ref_logps=ref_logps)
+                       reward_std=metrics["reward_std"], reward_pooled_std=metrics["reward_pooled_std"],
+                       metrics=metrics, samples=samples, last_rollouts=step.rollouts, last_logps=update.pi_old,
+                       last_ref_logps=update.ref_logps)

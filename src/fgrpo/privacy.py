@@ -7,13 +7,14 @@ Placement follows Flower's DP strategies and mods (``dp`` in the config):
     local  : each client clips its update and adds the noise itself; the server adds nothing
 
     clip      Delta_k <- Delta_k * min(1, C / ||Delta_k||_2)
-    central   Delta   =  sum_k w_k Delta_k + N(0, (sigma * C * max_k w_k)^2 I)
-              (with max_weight < 1 the weights are capped there and max_k w_k is replaced by that bound)
+    central   Delta   =  sum_k w_k Delta_k + N(0, (sigma * C * w_max)^2 I)
+              w_max: the weight bound in force, max_weight_ratio / |S| (adaptive weights), or the largest
+              of the round's weights when they depend only on the run config (fedavg, uniform)
     local     Delta_k <- Delta_k + N(0, (sigma * C)^2 I)           (on the client, before sending)
 
-The sensitivity of the weighted sum to one client is w_k * C, with the round's weights treated as
-fixed (as Flower's DP FedAvg treats 1/m): they are computed from the statistics below, so they
-are private only when those are (``dp_stats_noise > 0``), and are otherwise revealed to the server.
+The sensitivity of the weighted sum to one client is w_k * C <= w_max * C. Adaptive weights are computed
+from the statistics below, so the noise is calibrated to their bound, which depends on no data; the
+weights themselves are private only when the statistics are (``dp_stats_noise > 0``).
 
 Statistics (r_start, r_end and the reward spread the server's ``gain_spread`` uses): with
 ``dp_stats_noise = sigma_s > 0`` each client clips them to [-R, R] (R = its verifier's declared
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import torch
 from opacus.accountants import RDPAccountant
@@ -55,15 +57,11 @@ def add_gaussian_noise(delta: Adapter, std: float, seed: int) -> Adapter:
             for k, v in sorted(delta.items())}
 
 
-def central_noise_std(noise_multiplier: float, clip: float, weights: list[float], max_weight: float = 1.0,
-                      ) -> float:
-    """sigma * C * max_k w_k: the std that makes the weighted sum a Gaussian mechanism with
-    multiplier sigma (the sensitivity to one client is w_k * C). With a weight bound (``max_weight``
-    < 1) the noise is calibrated to the bound, sigma * C * max(max_weight, 1 / n), which does not
-    depend on the round's statistics."""
-    if max_weight < 1:
-        return noise_multiplier * clip * max(max_weight, 1 / len(weights))
-    return noise_multiplier * clip * max(weights)
+def central_noise_std(noise_multiplier: float, clip: float, max_weight: float) -> float:
+    """sigma * C * w_max: the std that makes the weighted sum a Gaussian mechanism with multiplier sigma, where
+    w_max bounds every client's weight without looking at data (the sensitivity to one client is w_k * C;
+    ``Server.noise`` says which bound)."""
+    return noise_multiplier * clip * max_weight
 
 
 def privatize_stats(stats: ClientStats, noise_multiplier: float, seed: int, bound: float | None = None,
@@ -73,11 +71,17 @@ def privatize_stats(stats: ClientStats, noise_multiplier: float, seed: int, boun
     would depend on data). Without ``bound``, R is the range in ``stats``."""
     gen = torch.Generator().manual_seed(seed)
     scale = stats.reward_range if bound is None else bound
-    std = noise_multiplier * 2 * math.sqrt(3) * scale
-    noisy = [min(max(v, -scale), scale) + std * float(torch.randn((), generator=gen, dtype=torch.float64))
-             for v in (stats.reward_start, stats.reward_end, reward_spread(stats, gain_spread))]
+    paired = stats.validation_size > 0  # d_k in [-1, 1] and se_k in [0, 1] (units of the range) join the vector
+    diameter = 2 * math.sqrt(5 if paired else 3)  # of the clipped vector, in units of R
+    values = [(v, scale) for v in (stats.reward_start, stats.reward_end, reward_spread(stats, gain_spread))]
+    values += [(stats.paired_gain, 1.0), (stats.paired_se, 1.0)] if paired else []
+    noisy = [min(max(v, -r), r) + noise_multiplier * diameter * r * float(torch.randn((), generator=gen,
+                                                                                        dtype=torch.float64))
+             for v, r in values]
     spread = max(noisy[2], 0.0)
-    return ClientStats(stats.client_id, stats.num_prompts, noisy[0], noisy[1], spread, scale, spread)
+    measured = dict(paired_gain=noisy[3], paired_se=max(noisy[4], 0.0)) if paired else {}
+    return replace(stats, reward_start=noisy[0], reward_end=noisy[1], reward_std=spread, reward_range=scale,
+                   reward_pooled_std=spread, **measured)
 
 
 def epsilon(rounds: int, noise_multiplier: float, sample_rate: float, delta: float,

@@ -7,7 +7,8 @@ prompts of its own, never an owner's data.
                  every owner's generated prompts and from the evaluation prompts.
     ProbeJudge   "do no harm": each update is applied alone to the global adapter (theta_t + delta_k) and
                  left out when the probes' greedy accuracy falls by more than ``probe_margin`` below the
-                 global adapter's. Cost per round: (|S| + 1) greedy evaluations of the probe prompts.
+                 global adapter's. Cost per round: (|S| + 1) greedy evaluations of the probe prompts. The
+                 same scores give each update's probe gain, paired prompt by prompt (``gain = probe``).
 
 Its limit: it judges only what the server can generate (the run's public tasks); an owner whose task the
 server cannot generate is judged on the others' tasks, which says little about its own.
@@ -20,8 +21,9 @@ from collections.abc import Sequence
 from fgrpo.aggregation import Adapter
 from fgrpo.config import RunConfig
 from fgrpo.host import ModelHost
-from fgrpo.report import ClientUpdate, warning_row
-from fgrpo.tasks import Example, as_chat, test_split
+from fgrpo.paired import macro_paired_difference
+from fgrpo.report import ClientReport, warning_row
+from fgrpo.tasks import Example, as_chat, correctness, test_split
 
 
 def probe_sets(cfg: RunConfig, tasks: Sequence[str], prompt_style: str) -> dict[str, list[Example]]:
@@ -41,27 +43,44 @@ def probe_judge(cfg: RunConfig, host: ModelHost, tasks: Sequence[str]) -> ProbeJ
 
 
 class ProbeJudge:
-    """The server's "do no harm" screen on its probe prompts, with the model host it evaluates on."""
+    """The server's "do no harm" screen on its probe prompts, with the model host it evaluates on; it also
+    measures each update's probe gain (``gain = probe``)."""
 
     def __init__(self, host: ModelHost, probes: dict[str, list[Example]], margin: float):
         self.host, self.probes, self.margin = host, probes, margin
 
-    def accuracy(self, adapter: Adapter) -> float:
-        """Macro greedy accuracy of ``adapter`` on the probes."""
-        return self.host.evaluate(adapter, self.probes).row()["macro_accuracy"]
+    def scores(self, adapter: Adapter) -> dict[str, list[float]]:
+        """Per task, 1.0 for each probe prompt ``adapter`` answers right (greedy), else 0.0."""
+        return {task: [float(correctness(e, t) >= 1.0) for e, t in zip(examples, self.host.greedy_texts(adapter,
+                                                                                                       examples))]
+                for task, examples in self.probes.items()}
 
-    def screen(self, rnd: int, global_adapter: Adapter, updates: list[ClientUpdate],
-               ) -> tuple[list[ClientUpdate], list[dict], dict]:
-        """(updates that do no harm, warning rows for the others, the server's probe metrics); each update's
-        probe accuracy goes into its metrics (``probe_accuracy``)."""
-        before = self.accuracy(global_adapter)
+    def screen(self, rnd: int, global_adapter: Adapter, reports: list[ClientReport],
+               ) -> tuple[list[ClientReport], list[dict], dict]:
+        """(reports whose update does no harm, warning rows for the others, the server's probe metrics). The global
+        adapter is scored once; each update alone (theta_t + delta_k) once, and its probe accuracy and its paired
+        probe gain (d, se: ``paired.macro_paired_difference``) go into its metrics."""
+        before = self.scores(global_adapter)
+        accuracy_before = macro(before)
         kept, warnings = [], []
-        for u in updates:
-            after = self.accuracy({k: global_adapter[k] + u.delta[k] for k in global_adapter})
-            u.metrics["probe_accuracy"] = after
-            if after < before - self.margin:
-                warnings.append(warning_row(rnd, u.stats.client_id, f"lowers the server's probe accuracy from "
-                                            f"{before:.3f} to {after:.3f} (probe_margin = {self.margin})"))
+        for r in reports:
+            after = self.scores({k: global_adapter[k] + r.delta[k] for k in global_adapter})
+            accuracy = macro(after)
+            d, se = macro_paired_difference(before, after)
+            r.metrics.update(probe_accuracy=accuracy, probe_gain=d, probe_se=se)
+            if accuracy < accuracy_before - self.margin:
+                warnings.append(warning_row(rnd, r.stats.client_id, f"lowers the server's probe accuracy from "
+                                            f"{accuracy_before:.3f} to {accuracy:.3f} (probe_margin = {self.margin})"))
             else:
-                kept.append(u)
-        return kept, warnings, {"probe_accuracy_before": before, "probes_rejected": len(warnings)}
+                kept.append(r)
+        return kept, warnings, {"probe_accuracy_before": accuracy_before, "probes_rejected": len(warnings)}
+
+    @property
+    def size(self) -> int:
+        """The probe prompts, over all tasks."""
+        return sum(len(v) for v in self.probes.values())
+
+
+def macro(scores: dict[str, list[float]]) -> float:
+    """The macro mean over tasks of the per-task mean score (the evaluation's macro accuracy)."""
+    return sum(sum(v) / len(v) for v in scores.values()) / len(scores)

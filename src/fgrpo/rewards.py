@@ -22,15 +22,22 @@ correct (``resolve_reward``):
     rg:<dataset>   reasoning-gym's scorer of that dataset on {"answer": answer} (the marked answer
                    if the completion marks one)
 Several, weighted as TRL's ``reward_weights``: ``[w*]name+[w*]name...`` (``owner_reward``), r = sum_j w_j r_j; the
-first one is the verifier that held-out accuracy uses. One (prompt, completion, answer) verifier becomes an
-``OwnerReward``; TRL-form or weighted functions a ``trl_rewards.BatchReward``, which scores a batch at a time.
+first one is the verifier: its score is a sample's correctness (``train_accuracy``) and held-out accuracy's
+judge (``verifier_of``: the ``Example.verifier`` of the owner's held-out rows). One (prompt, completion, answer)
+verifier becomes an ``OwnerReward``; TRL-form or weighted functions a ``trl_rewards.BatchReward``, which scores a
+batch at a time.
+
+Score once: every reward here judges a sample in one call, ``judge(example, completion) -> Verdict``: the reward
+and the correctness (1.0 = correct, on no client's scale: a scaled, noisy or inverted reward still reports the
+true correctness), so training's accuracy never calls a verifier a second time.
 
 Failure policy: every client's reward, built-in or the owner's, is wrapped in a ``GuardedReward``: a
 sample whose reward raises or is not finite scores 0 and is counted (``reward_failures``); one bad
-sample never stops a client. The rule itself is ``tasks.guarded_call``, which ``tasks.correctness``
-applies to an owner's verifier too, so evaluation survives it as well. ``GuardedReward`` also adds
-weighted extra rewards (``format_reward``: the answer in its documented form), each one logged; it scores
-a batch (``score_batch``), on reward workers when asked (``begin_round``), keeping what TRL-form functions log.
+sample never stops a client. The rule itself is ``tasks.guarded_call`` (``judged`` for a whole verdict), which
+``tasks.correctness`` applies to an owner's verifier too, so evaluation survives it as well. ``GuardedReward`` also
+adds weighted extra rewards (``format_reward``: the answer in its documented form), each one logged; it scores
+a batch (``score_batch``: rewards and correctness, a ``ScoredBatch``), on reward workers when asked
+(``begin_round``), keeping what TRL-form functions log.
 """
 
 from __future__ import annotations
@@ -42,7 +49,6 @@ import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 
 from fgrpo.config import ConfigError
 from fgrpo.seeds import derived_seed
@@ -51,35 +57,60 @@ from fgrpo.trl_rewards import (
     BatchLog,
     BatchReward,
     BatchScores,
-    Recent,
     RewardState,
     RewardTerm,
+    ScoredBatch,
+    Verdict,
     is_batch_function,
-    run_pool,
+    on_workers,
     trl_function,
 )
 
 RewardFn = Callable[[Example, str], float]
 
 
+class Judge:
+    """A reward that judges a sample once, ``judge(example, completion) -> Verdict`` (reward and correctness);
+    called as a ``RewardFn``, its reward alone."""
+
+    def __call__(self, example: Example, completion: str) -> float:
+        return self.judge(example, completion).reward
+
+
+def judged(reward: RewardFn, example: Example, completion: str) -> Verdict:
+    """The reward's ``Verdict`` (a bare reward function: its value, and ``tasks.correctness``) under the failure
+    policy (``tasks.guarded_call``'s rule): a reward that raises or is not finite scores 0, is not correct, and says
+    what went wrong."""
+    judge = getattr(reward, "judge", None)
+    try:
+        verdict = judge(example, completion) if judge else Verdict(reward(example, completion),
+                                                                   correctness(example, completion))
+        value = float(verdict.reward)
+    except Exception as err:
+        return Verdict(0.0, 0.0, f"{type(err).__name__}: {err}")
+    if not math.isfinite(value):
+        return Verdict(0.0, 0.0, f"non-finite value {value}")
+    return verdict._replace(reward=value)
+
+
 @dataclass(frozen=True)
-class RewardScale:
+class RewardScale(Judge):
     """How a client turns correctness into its reward; ``range`` = max reward - min reward it can give
     (declared: only differential privacy on the statistics uses it, as a bound that depends on no data)."""
 
     name: str
     range: float
 
-    def __call__(self, example: Example, completion: str) -> float:
+    def judge(self, example: Example, completion: str) -> Verdict:
         score = correctness(example, completion)
         if self.name == "x1":
-            return score
+            return Verdict(score, score)
         if self.name == "x10":
-            return 10.0 * score
+            return Verdict(10.0 * score, score)
         if self.name == "partial":  # character-level partial credit in [0, 1]
-            return difflib.SequenceMatcher(None, completion.strip(), example.answer).ratio()
+            return Verdict(difflib.SequenceMatcher(None, completion.strip(), example.answer).ratio(), score)
         if self.name == "signed":
-            return 1.0 if score >= 1.0 else -1.0
+            return Verdict(1.0 if score >= 1.0 else -1.0, score)
         raise ValueError(f"unknown reward scale {self.name!r}")
 
 
@@ -96,7 +127,7 @@ def format_reward(example: Example, completion: str) -> float:
     return float(bool(completion) and content_answer(completion) == completion)
 
 
-class GuardedReward:
+class GuardedReward(Judge):
     """Every client's reward as training sees it: a sample whose reward raises or is not finite
     scores 0 and is counted (``take_failures``); one bad sample never stops a client. It also keeps the
     lowest and highest reward given since ``take_observed_range`` was last called: the range a client
@@ -106,9 +137,10 @@ class GuardedReward:
     r = r_verifier + sum_j weight_j * r_j, and each component's mean is logged (``take_components``), as is
     each of an owner's weighted functions (``BatchReward``), over the samples it applied to.
 
-    A batch at a time (``score_batch``): an owner's ``BatchReward`` as TRL calls its functions, on
-    ``workers`` threads when ``begin_round`` asks for them (any reward then: one call per sample, with
-    ``timeout``); what TRL-form functions log stays on the owner's side (``take_round_log``)."""
+    A batch at a time (``score_batch``: each sample's reward and correctness from one call of the reward): an
+    owner's ``BatchReward`` as TRL calls its functions, on ``workers`` threads when ``begin_round`` asks for them
+    (any reward then: one call per sample, with ``timeout``); what TRL-form functions log stays on the owner's
+    side (``take_round_log``)."""
 
     def __init__(self, reward: RewardFn, extra: tuple[tuple[str, RewardFn, float], ...] = ()):
         self.reward, self.extra = reward, extra
@@ -128,31 +160,41 @@ class GuardedReward:
         self.round_columns: dict[str, list] | None = None  # of the round's first batch: its sample completions'
         self.round_metrics: dict[str, list[float]] = {}
 
-    def __call__(self, example: Example, completion: str) -> float:
-        return self._record(example, completion, *guarded_call(self.reward, example, completion))
+    def judge(self, example: Example, completion: str) -> Verdict:
+        """One sample: its reward (the extra rewards added, counted and logged) and its verifier's correctness."""
+        verdict = judged(self.reward, example, completion)
+        return Verdict(self._record(example, completion, verdict.reward, verdict.error), verdict.correct)
 
     def score_batch(self, examples: list[Example], completions: list[str], completion_ids: list[list[int]],
-                    step: int) -> list[float]:
-        """Each sample's reward; ``step``: local steps done in the round (TRL's ``global_step``). A reward
-        scored per sample, without workers, is called once per sample (``__call__``) as it always was."""
+                    step: int) -> ScoredBatch:
+        """Each sample's reward and correctness from one call of the reward (per sample, or per batch in TRL's
+        form); ``step``: local steps done in the round (TRL's ``global_step``). A reward scored per sample, without
+        workers, is judged once per sample (``judge``), its extra rewards right after it, as it always was."""
         self.state.global_step = step
         batch = getattr(self.reward, "score_batch", None)
         if batch is None and not self.workers:
-            return [self(e, c) for e, c in zip(examples, completions)]
+            verdicts = [self.judge(e, c) for e, c in zip(examples, completions)]
+            return ScoredBatch([v.reward for v in verdicts], [v.correct for v in verdicts])
         if batch is not None:
             scores = batch(examples, completions, completion_ids, self.state, self.workers, self.timeout)
         else:
-            tasks = [partial(guarded_call, self.reward, e, c) for e, c in zip(examples, completions)]
-            scored = [out if error is None else (0.0, error) for out, error in
-                      run_pool(tasks, self.workers, self.timeout)]
-            scores = BatchScores([v for v, _ in scored], [e for _, e in scored], {}, BatchLog(len(examples)))
-        if self.round_columns is None:  # each function's rewards (None: not applicable), what they logged
+            verdicts = on_workers(lambda i: judged(self.reward, examples[i], completions[i]), len(examples),
+                                  self.workers, self.timeout, lambda error: Verdict(0.0, 0.0, error))
+            scores = BatchScores([v.reward for v in verdicts], [v.error for v in verdicts], {},
+                                 BatchLog(len(examples)), [v.correct for v in verdicts])
+        self._keep_log(scores)
+        rewards = [self._record(e, c, scores.totals[i], scores.errors[i], {k: v[i] for k, v in scores.parts.items()})
+                   for i, (e, c) in enumerate(zip(examples, completions))]
+        return ScoredBatch(rewards, scores.correct)
+
+    def _keep_log(self, scores: BatchScores) -> None:
+        """The round's first batch: each function's rewards (None: not applicable) and what the functions logged;
+        every batch: the numbers they logged."""
+        if self.round_columns is None:
             parts = {f"reward/{k}": [None if math.isnan(x) else x for x in v] for k, v in scores.parts.items()}
             self.round_columns = {**parts, **scores.log.columns}
         for name, values in scores.log.metrics.items():
             self.round_metrics.setdefault(name, []).extend(values)
-        return [self._record(e, c, scores.totals[i], scores.errors[i], {k: v[i] for k, v in scores.parts.items()})
-                for i, (e, c) in enumerate(zip(examples, completions))]
 
     def _record(self, example: Example, completion: str, value: float, error: str | None,
                 parts: dict[str, float] | None = None) -> float:
@@ -204,7 +246,7 @@ class GuardedReward:
 
 
 @dataclass(frozen=True)
-class NoisyReward:
+class NoisyReward(Judge):
     """A flaky verifier: on a pseudo-random ``noise`` share of (prompt, completion) pairs it pays a coin
     flip (0 or 1) instead of correctness. Which pairs, and the flip, are a hash of the pair and
     ``salt``: the same answer always gets the same reward, so runs stay reproducible and resumable."""
@@ -214,25 +256,27 @@ class NoisyReward:
     name: str = "noisy"
     range: float = 1.0
 
-    def __call__(self, example: Example, completion: str) -> float:
+    def judge(self, example: Example, completion: str) -> Verdict:
+        score = correctness(example, completion)
         if derived_seed(self.salt, example.prompt, completion) / 2**31 < self.noise:
-            return float(derived_seed(self.salt, "flip", example.prompt, completion) % 2)
-        return correctness(example, completion)
+            return Verdict(float(derived_seed(self.salt, "flip", example.prompt, completion) % 2), score)
+        return Verdict(score, score)
 
 
 @dataclass(frozen=True)
-class InvertedReward:
+class InvertedReward(Judge):
     """A verifier that is wrong in a systematic way: it pays 1 for a wrong answer and 0 for a right one."""
 
     name: str = "inverted"
     range: float = 1.0
 
-    def __call__(self, example: Example, completion: str) -> float:
-        return 1.0 - correctness(example, completion)
+    def judge(self, example: Example, completion: str) -> Verdict:
+        score = correctness(example, completion)
+        return Verdict(1.0 - score, score)
 
 
-class RoutedReward:
-    """Each example scored by the reward of the owner it came from (for pooled training): ``owners`` are
+class RoutedReward(Judge):
+    """Each example judged by the reward of the owner it came from (for pooled training): ``owners`` are
     (reward, its examples) pairs, one per client."""
 
     def __init__(self, owners: Iterable[tuple[RewardFn, list[Example]]]):
@@ -242,8 +286,8 @@ class RoutedReward:
         # the clients' rewards are GuardedReward (declared_range) or bare verifiers (range)
         self.range = max(getattr(r, "declared_range", getattr(r, "range", 1.0)) for r, _ in owners)
 
-    def __call__(self, example: Example, completion: str) -> float:
-        return self._owner[id(example)](example, completion)
+    def judge(self, example: Example, completion: str) -> Verdict:
+        return judged(self._owner[id(example)], example, completion)
 
 
 # --- a data owner's verifiers ----------------------------------------------------------------
@@ -325,35 +369,24 @@ def owner_reward(spec: str) -> OwnerReward | BatchReward:
     return BatchReward(spec, terms)
 
 
-class OwnerReward:
+class OwnerReward(Judge):
     """A data owner's reward: its verifier on (prompt, completion, answer), on any scale (declared range 1:
-    the bound DP on the statistics clips to). Failures are
+    the bound DP on the statistics clips to); its value is both the reward and the correctness. Failures are
     handled where every client's reward is (``GuardedReward``)."""
 
     range = 1.0
 
-    def __init__(self, name: str, verifier):
+    def __init__(self, name: str, verifier: Callable[[str, str, str], float]):
         self.name = name
         self.verifier = verifier
-        self.recent = Recent()
 
-    def __call__(self, example: Example, completion: str) -> float:
-        key = (example.prompt, completion, example.answer)
-        self.recent.put(key, 0.0)  # what the sample scores if this call raises or hangs
-        value = float(self.verifier(*key))
-        self.recent.put(key, value)
-        return value
+    def judge(self, example: Example, completion: str) -> Verdict:
+        value = float(self.verifier(example.prompt, completion, example.answer))
+        return Verdict(value, value)
 
-    def check(self, prompt: str, completion: str, answer: str) -> float:
-        """The verifier as ``tasks.correctness`` calls it (evaluation, training's accuracy): the value the reward
-        has just given this sample, if any (0 if its call failed), so a slow verifier runs once per sample and
-        one that hangs is not called again."""
-        value = self.recent.get((prompt, completion, answer))
-        return self.verifier(prompt, completion, answer) if value is None else value
-
-    def row_verifier(self, columns: dict):
-        """The verifier of one row (``Example.verifier``): the same for every row."""
-        return self.check
+    def verifier_of(self, columns: dict) -> Callable[[str, str, str], float]:
+        """The verifier evaluation scores a held-out row with (``Example.verifier``): the same for every row."""
+        return self.verifier
 
 
 def guarded(reward: RewardFn, format_weight: float = 0.0) -> GuardedReward:

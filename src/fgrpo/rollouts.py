@@ -83,6 +83,26 @@ def rows_cache(model, prompt_cache, rows: torch.Tensor | None, group_size: int) 
                          for layer in prompt_cache.layers], config=model.config)
 
 
+def shared_prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
+    """(KV cache, the first step's input ids, their positions): with groups, one prefill of the prompts' first
+    P-1 tokens shared by each group's rows, so that only the last prompt token runs in the first step."""
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # from the mask, as generate does for left padding
+    if group_size > 1 and prompt_ids.shape[1] > 1:
+        prompt = prompt_forward(model, prompt_ids[:, :-1], prompt_mask[:, :-1], positions[:, :-1], group_size,
+                                logits_to_keep=1)
+        return rows_cache(model, prompt.cache, None, group_size), prompt_ids[:, -1:], positions[:, -1:]
+    return None, prompt_ids, positions
+
+
+def draw(scores: torch.Tensor, greedy: bool, n: int, rows: torch.Tensor) -> torch.Tensor:
+    """Next tokens of the running ``rows`` from their warped scores [rows, V]: argmax, or what
+    torch.multinomial(probs [N, V], 1) draws: q ~ Exp(1) for every entry of all N rows, then argmax(p / q)."""
+    if greedy:
+        return scores.argmax(-1)
+    q = torch.empty((n, scores.shape[1]), device=scores.device).exponential_(1)
+    return (F.softmax(scores, dim=-1) / q[rows]).argmax(-1)
+
+
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
            pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
            group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -98,16 +118,8 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
     Each step draws the random numbers ``torch.multinomial`` draws for the full [N, vocabulary]
     probabilities (q ~ Exp(1), token = argmax p / q; rows that have left use none of theirs), so a
     seed gives the same tokens as ``generate`` would, up to float rounding of the smaller batch."""
-    n, p = prompt_ids.shape
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = None
-    if group_size > 1 and p > 1:  # then only the last prompt token runs in the first step
-        prompt = prompt_forward(model, prompt_ids[:, :-1], prompt_mask[:, :-1], positions[:, :-1], group_size,
-                                logits_to_keep=1)
-        cache = rows_cache(model, prompt.cache, None, group_size)
-        step_ids, step_positions = prompt_ids[:, -1:], positions[:, -1:]
-    else:
-        step_ids, step_positions = prompt_ids, positions
+    n = prompt_ids.shape[0]
+    cache, step_ids, step_positions = shared_prefill(model, prompt_ids, prompt_mask, group_size)
     warpers = LogitsProcessorList(([] if greedy or temperature == 1.0 else [TemperatureLogitsWarper(temperature)])
                                   + ([] if greedy or top_p >= 1.0 else [TopPLogitsWarper(top_p)]))
     out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=prompt_ids.device)
@@ -119,12 +131,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
         step = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, cache=cache,
                      use_cache=True, logits_to_keep=1)
         cache = step.cache
-        scores = warpers(None, step.logits[:, -1].float())  # [rows still running, V]
-        if greedy:
-            tokens = scores.argmax(-1)
-        else:  # torch.multinomial(probs [N, V], 1): q ~ Exp(1) for every entry, then argmax(p / q)
-            q = torch.empty((n, scores.shape[1]), device=scores.device).exponential_(1)
-            tokens = (F.softmax(scores, dim=-1) / q[rows]).argmax(-1)
+        tokens = draw(warpers(None, step.logits[:, -1].float()), greedy, n, rows)  # [rows still running]
         out[rows, t] = tokens
         if logps is not None:  # log softmax(z / T)[token]: one gather, no second pass over the vocabulary
             logits = step.logits[:, -1].float() / temperature

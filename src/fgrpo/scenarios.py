@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 from reasoning_gym.factory import DATASETS, has_curriculum
 
+from fgrpo import userdata
 from fgrpo.config import ConfigError, RunConfig
 from fgrpo.rewards import REWARD_SCALES, InvertedReward, NoisyReward, RewardFn, RoutedReward, guarded
 from fgrpo.seeds import derived_seed
@@ -223,10 +224,10 @@ def _client_data(cfg: RunConfig) -> tuple[list[ClientSpec], dict[str, list[Examp
                                  cfg.dirichlet_alpha, cfg.local_steps, cfg.reward_noise)
         test_sets = {t: test_split(t, cfg.eval_size) for t in scenario_tasks(clients, cfg.task_list)}
         return clients, test_sets, []
-    from fgrpo import userdata  # here, not at the top: userdata builds ClientSpecs
-
     if not cfg.data.strip():
         raise ConfigError("scenario = 'user-data' needs data = FILE[,FILE...] in this runtime (on Flower, "
                           "each SuperNode names its own with --node-config 'data=\"FILE\" reward=\"NAME\"')")
-    return userdata.build_clients(cfg.data_sources, cfg.reward_names, cfg.prompt_column, cfg.answer_column,
-                                  cfg.skip_bad_rows, cfg.eval_size)
+    owners, notes = userdata.load_owners(cfg.data_sources, cfg.reward_names, cfg.prompt_column, cfg.answer_column,
+                                         cfg.skip_bad_rows, cfg.eval_size)
+    clients = [ClientSpec(o.name, o.name, o.reward, o.train) for o in owners]  # one client per data owner
+    return clients, {o.name: o.test for o in owners}, notes

@@ -3,7 +3,8 @@
 A *strategy* (``--strategy``) is one idea of the server:
 
     weighting  the name of a pure weight function of ``fgrpo.aggregation`` (statistics -> weights w_k),
-               or None when the server combines nothing (``local-only``)
+               or None when the server weighs nothing (``median``, ``local-only``)
+    combine    how the server merges the deltas (``fgrpo.server.COMBINE``, or its own server class)
     mode       who trains from what, and whether there are weights (``Mode``): decided here, once
     adaptive   whether the weights depend on the round's statistics (``fgrpo compare`` plots them)
 
@@ -22,16 +23,16 @@ from typing import Any
 
 
 class Mode(Enum):
-    """How a strategy's clients start, who trains, and whether the server weighs their updates."""
+    """Who trains in a strategy's round (how the server merges them is ``Strategy.combine``)."""
 
-    FEDERATED = ("global", False, True)  # the sampled clients train from the global adapter; weighted merge
-    POOLED = ("global", True, True)  # one client holding every client's prompts trains the global adapter
-    LOCAL_ONLY = ("own", False, False)  # each client trains its own adapter, never merged
+    FEDERATED = False  # the sampled clients train from the global adapter
+    POOLED = True  # one client holding every client's prompts trains the global adapter (centralized)
+    LOCAL_ONLY = None  # each client trains its own adapter (``combine = "own"``)
 
-    def __init__(self, start: str, pooled: bool, weighted: bool):
-        self.start = start  # "global": from the global adapter; "own": from the client's own adapter
-        self.pooled = pooled  # True: every client's prompts in one client (the server sees no owner apart)
-        self.weighted = weighted  # False: no weights, no baselines, no server step
+    @property
+    def pooled(self) -> bool:
+        """True: every client's prompts in one client (the server sees no owner apart)."""
+        return self.value is True
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class Strategy:
     weighting: str | None  # a weight function of fgrpo.aggregation, by name; None: no aggregation
     mode: Mode = Mode.FEDERATED
     adaptive: bool = False
-    combine: str = "weighted"  # how the server merges the deltas: "weighted" sum_k w_k delta_k, or "median"
+    combine: str = "weighted"  # how the server merges the deltas: "weighted" sum_k w_k delta_k, "median" (the
+    # coordinate-wise median), or "own" (local-only: each delta to its own client's adapter; ``LocalOnlyServer``)
 
     @property
     def weigh(self):
@@ -64,11 +66,11 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy("gain-no-baseline", "w_k = softmax((r_end_k - r_start_k) / tau): gain without a personal baseline",
              "gain_no_baseline", adaptive=True),
     Strategy("median", "reference: the coordinate-wise median of the deltas (robust to a minority of bad "
-             "updates; rows show uniform weights)", "uniform", combine="median"),
+             "updates; no weights)", None, combine="median"),
     Strategy("centralized", "reference: every client's prompts pooled in one model, same steps per round",
              "fedavg", mode=Mode.POOLED),
     Strategy("local-only", "reference: each client trains alone and is evaluated on its own tasks",
-             None, mode=Mode.LOCAL_ONLY),
+             None, mode=Mode.LOCAL_ONLY, combine="own"),
 ]}
 
 FEDPROX_MU = 0.01  # FedProx weight of the `fedprox` recipes, tuned over {0.01, 0.1, 1} on scale-skew and

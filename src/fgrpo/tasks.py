@@ -55,12 +55,15 @@ class Example:
     prompt: str  # the prompt text: compact (``rev:soap=``) or the English question (chat, any dataset)
     answer: str  # gold answer (compact: used for warm start and partial credit)
     entry: dict  # the reasoning-gym entry, for its scorer
-    # a data owner's verifier f(prompt, completion, answer) -> float (user data); None: reasoning-gym's scorer
+    # the judge of an owner's held-out row, f(prompt, completion, answer) -> float (its first reward function, which
+    # evaluation calls); None: reasoning-gym's scorer. Training rows have none: training's correctness comes with
+    # the rewards, from one call of the reward (``rewards.GuardedReward.score_batch``), never through the example
     verifier: Callable[[str, str, str], float] | None = field(default=None, compare=False, repr=False)
     # chat messages ((role, content), ...) rendered with the tokenizer's chat template; None: ``prompt`` as is
     messages: tuple[tuple[str, str], ...] | None = field(default=None, compare=False)
     # a data owner's row as TRL's reward functions see it: "prompt" (its text, or its messages as
-    # [{"role", "content"}, ...]) and its other columns; kept on the owner's side, never sent anywhere
+    # [{"role", "content"}, ...]) and its other columns; kept on the owner's side, never sent anywhere.
+    # Empty for the built-in tasks: an example with columns is an owner's row (``is_owner_row``)
     columns: dict = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -279,12 +282,18 @@ def as_chat(example: Example, system_prompt: str) -> Example:
                    messages=head + (("user", question),))
 
 
+def is_owner_row(example: Example) -> bool:
+    """Whether the example is a data owner's row (``fgrpo.userdata``: it has columns, or a judge of its own) rather
+    than a prompt of a reasoning-gym task."""
+    return bool(example.columns) or example.verifier is not None
+
+
 def reads_extracted(example: Example) -> bool:
     """Whether the answer is extracted from free text (chat, or a dataset without a compact form)
     rather than the whole completion being the answer (compact families)."""
     if example.messages is not None:
         return True
-    return example.verifier is None and not family(example.task).compact  # an owner's task is no dataset
+    return not is_owner_row(example) and not family(example.task).compact  # an owner's task is no dataset
 
 
 def guarded_call(verifier: Callable[..., float], *args) -> tuple[float, str | None]:
@@ -302,7 +311,9 @@ def guarded_call(verifier: Callable[..., float], *args) -> tuple[float, str | No
 def correctness(example: Example, completion: str) -> float:
     """Score in [0, 1] for a completion (1.0 = correct): reasoning-gym's scorer on the answer
     (``extract_answer`` of the completion for chat and English prompts, the compact family's reading
-    otherwise), or the data owner's verifier of a user example (a verifier that fails scores 0)."""
+    otherwise), or the judge of an owner's held-out row (``Example.verifier``; a verifier that fails scores 0).
+    Evaluation's rule; training gets its correctness from the reward's one call
+    (``rewards.GuardedReward.score_batch``)."""
     if example.verifier is not None:
         return guarded_call(example.verifier, example.prompt, completion, example.answer)[0]
     answer = extract_answer(completion) if reads_extracted(example) else family(example.task).to_rg_answer(completion)

@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from fgrpo.config import ConfigError
 from fgrpo.tasks import Example, guarded_call
@@ -193,22 +193,29 @@ def run_pool(tasks: list[Callable[[], Any]], workers: int, timeout: float) -> li
     return [results[i] for i in range(len(tasks))]
 
 
-class Recent:
-    """A verifier's latest values by key (at most ``size``; thread-safe): what ``tasks.correctness`` (evaluation,
-    training's accuracy) reads instead of calling a slow verifier again on a sample the reward just scored."""
+class Verdict(NamedTuple):
+    """One sample, judged once: the reward training uses, whether the completion is correct (the verifier's score,
+    1.0 = correct: what ``train_accuracy`` counts, whatever the reward's scale), and what went wrong (None: nothing)."""
 
-    def __init__(self, size: int = 16384):
-        self.size, self.values, self.lock = size, {}, threading.Lock()
+    reward: float
+    correct: float
+    error: str | None = None
 
-    def put(self, key: Any, value: float) -> None:
-        with self.lock:
-            self.values[key] = value
-            if len(self.values) > self.size:
-                del self.values[next(iter(self.values))]
 
-    def get(self, key: Any) -> float | None:
-        with self.lock:
-            return self.values.get(key)
+@dataclass
+class ScoredBatch:
+    """What one scoring call gives a batch of samples: the reward each is trained on, and its correctness (the
+    verifier's score, 1.0 = correct, before any scale or extra reward), which ``train_accuracy`` counts."""
+
+    rewards: list[float]
+    correct: list[float]
+
+
+def on_workers(score: Callable[[int], Any], n: int, workers: int, timeout: float, failed: Callable[[str], Any]) -> list:
+    """``score(i)`` of each sample i < n on the reward workers (``run_pool``), ``failed(error)`` for a call that
+    raised or timed out: the one place where rewards of either form meet the pool."""
+    tasks = [partial(score, i) for i in range(n)]
+    return [out if error is None else failed(error) for out, error in run_pool(tasks, workers, timeout)]
 
 
 @dataclass
@@ -217,32 +224,32 @@ class BatchScores:
     errors: list[str | None]  # what went wrong per sample (None: nothing)
     parts: dict[str, list[float]]  # each function's reward per sample (NaN: not applicable); with 2+ functions
     log: BatchLog
+    correct: list[float]  # the first function's reward per sample (0 where it failed or did not apply)
 
 
 class BatchReward:
-    """A data owner's reward functions with weights (``terms``), scored a batch at a time as TRL does.
-    Declared range (for DP on the statistics only): sum_j |w_j|."""
+    """A data owner's reward functions with weights (``terms``), scored a batch at a time as TRL does; the first
+    function is the verifier (its reward is a sample's correctness). Declared range (for DP on the statistics
+    only): sum_j |w_j|."""
 
     def __init__(self, name: str, terms: list[RewardTerm]):
         self.name, self.terms = name, terms
         self.range = sum(abs(t.weight) for t in terms)
-        self.recent = Recent()  # the first function's values by (row, completion), for ``RowVerifier``
 
     def score_batch(self, examples: list[Example], completions: list[str], completion_ids: list[list[int]] | None,
                     state: RewardState, workers: int = 0, timeout: float = 0.0) -> BatchScores:
         """Every sample's rewards: each function once on the batch, or with ``workers``, one call per sample on
-        a pool of threads (``run_pool``)."""
+        a pool of threads (``on_workers``)."""
         log, rows = BatchLog(len(examples)), list(range(len(examples)))
         if not workers:
             per_sample = self._score(examples, completions, completion_ids, state, log, rows)
         else:
-            ids = completion_ids or [None] * len(examples)
-            tasks = [partial(self._score, examples[i:i + 1], completions[i:i + 1], None if completion_ids is None
-                             else ids[i:i + 1], state, log, [i]) for i in rows]
-            per_sample = [out[0] if error is None else [(0.0, error)] * len(self.terms)
-                          for out, error in run_pool(tasks, workers, timeout)]
-        for e, c, ((value, error), *_) in zip(examples, completions, per_sample):  # a failed call: 0, not again
-            self.recent.put((id(e.columns), c), 0.0 if error is not None or math.isnan(value) else value)
+            def one(i: int) -> list[tuple[float, str | None]]:
+                ids = None if completion_ids is None else completion_ids[i:i + 1]
+                return self._score(examples[i:i + 1], completions[i:i + 1], ids, state, log, [i])[0]
+
+            per_sample = on_workers(one, len(examples), workers, timeout,
+                                    lambda error: [(0.0, error)] * len(self.terms))
         return self._combine(per_sample, log)
 
     def _score(self, examples, completions, completion_ids, state, log, rows) -> list[list[tuple[float, str | None]]]:
@@ -267,33 +274,37 @@ class BatchReward:
         errors = [next((e for _, e in values if e is not None), None) for values in per_sample]
         parts = ({t.name: [values[j][0] for values in per_sample] for j, t in enumerate(self.terms)}
                  if len(self.terms) > 1 else {})
-        return BatchScores(totals, errors, parts, log)
+        correct = [0.0 if error is not None or math.isnan(value) else value for (value, error), *_ in per_sample]
+        return BatchScores(totals, errors, parts, log, correct)
+
+    def judge(self, example: Example, completion: str) -> Verdict:
+        """One sample, without its token ids (the ``centralized`` reference scores its pooled prompts so): 0 when a
+        function failed, with what went wrong."""
+        scores = self.score_batch([example], [completion], None, RewardState())
+        error = scores.errors[0]
+        return Verdict(0.0 if error is not None else scores.totals[0], scores.correct[0], error)
 
     def __call__(self, example: Example, completion: str) -> float:
-        """One sample, without its token ids (the ``centralized`` reference scores its pooled prompts so)."""
-        scores = self.score_batch([example], [completion], None, RewardState())
-        if scores.errors[0] is not None:
-            raise RuntimeError(scores.errors[0])
-        return scores.totals[0]
+        verdict = self.judge(example, completion)
+        if verdict.error is not None:
+            raise RuntimeError(verdict.error)
+        return verdict.reward
 
-    def row_verifier(self, columns: dict) -> RowVerifier:
-        """The verifier of the row whose columns these are (``Example.verifier``)."""
-        return RowVerifier(self.terms[0], columns, self.recent)
+    def verifier_of(self, columns: dict) -> RowVerifier:
+        """The verifier evaluation scores a held-out row with (``Example.verifier``): the first function on it."""
+        return RowVerifier(self.terms[0], columns)
 
 
 @dataclass(frozen=True)
 class RowVerifier:
-    """An owner's first reward function on one of its rows (``columns``), as evaluation calls a verifier:
-    f(prompt, completion, answer) -> float, 1.0 = correct (None, not applicable: 0)."""
+    """An owner's first reward function on one of its held-out rows (``columns``), as evaluation calls a verifier:
+    f(prompt, completion, answer) -> float, 1.0 = correct (None, not applicable: 0). Training never calls it: its
+    correctness comes with the rewards (``BatchScores.correct``)."""
 
     term: RewardTerm
     columns: dict
-    recent: Recent = field(default_factory=Recent, compare=False)  # its values the reward has just computed
 
     def __call__(self, prompt: str, completion: str, answer: str) -> float:
-        remembered = self.recent.get((id(self.columns), completion))
-        if remembered is not None:
-            return remembered
         example = Example("", prompt, answer, {}, columns=self.columns)
         value, error = call_term(self.term, [example], [completion], None, RewardState(), BatchLog(1), [0])[0]
         if error is not None:

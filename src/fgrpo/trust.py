@@ -15,17 +15,22 @@ A report is *plausible* when the numbers could have come from an honest local GR
                     cannot move the adapter: such a report with a non-zero update is implausible
 
 Under ``dp_stats_noise`` the statistics carry noise by design, so only ``finite`` and ``count`` apply.
-What a plausible liar can still get is bounded by ``max_weight`` (the water-filling cap of
+What a plausible liar can still get is bounded by ``max_weight_ratio`` (the water-filling cap of
 ``aggregation.cap_weights``).
+
+The attack itself, for the ``lying-owner`` scenario: ``LyingOwner``, a test double of the client side that sends
+an ordinary update with a ``fabricated`` report (the shared client code knows nothing of it).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from fgrpo.aggregation import ClientStats
 from fgrpo.config import RunConfig
+from fgrpo.report import ClientReport
 
 TOLERANCE = 1e-6  # relative slack for float rounding in the bounds
 
@@ -39,21 +44,21 @@ class ReportRules:
     group_size: int  # G
     values_checked: bool  # False under dp_stats_noise: the statistics are noised on purpose
     still_groups_cannot_move: bool  # plain GRPO: all groups tied -> zero update
+    validation_size: int = 0  # gain = paired: the V every client must have scored (0: no paired gain asked)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, max_steps: int | None = None) -> ReportRules:
         plain = (cfg.beta == 0 and cfg.proximal_mu == 0 and cfg.weight_decay == 0 and cfg.dynamic_sampling == 0
                  and cfg.dp != "local")
         return cls(cfg.prompts_per_step, max_steps or cfg.local_steps, cfg.group_size, cfg.dp_stats_noise == 0,
-                   plain)
+                   plain, cfg.validation_size if cfg.gain == "paired" else 0)
 
 
 def report_problem(stats: ClientStats, rules: ReportRules, update_norm: float | None) -> str | None:
     """Why ``stats`` cannot be an honest report under ``rules`` (one line), or None. ``update_norm``:
     the norm of the client's update (None when the server does not see it: secure aggregation)."""
-    numbers = {"num_prompts": stats.num_prompts, "reward_start": stats.reward_start, "reward_end": stats.reward_end,
-               "reward_std": stats.reward_std, "reward_range": stats.reward_range,
-               "reward_pooled_std": stats.reward_pooled_std}
+    numbers = {f: getattr(stats, f) for f in ("num_prompts", "reward_start", "reward_end", "reward_std", "reward_range",
+                                              "reward_pooled_std", "paired_gain", "paired_se")}
     for name, value in numbers.items():
         if not math.isfinite(value):
             return f"reported {name} = {value} is not finite"
@@ -61,9 +66,27 @@ def report_problem(stats: ClientStats, rules: ReportRules, update_norm: float | 
     if rest or not 1 <= steps <= rules.max_steps:
         return (f"reported num_prompts = {stats.num_prompts}; the server asked for 1 to {rules.max_steps} local "
                 f"steps of {rules.prompts_per_step} prompts")
+    if stats.validation_size != rules.validation_size:
+        return (f"reported validation_size = {stats.validation_size}; the server asked for {rules.validation_size} "
+                "validation prompts")
     if not rules.values_checked:
         return None
-    return _value_problem(stats, rules) or _still_group_problem(stats, rules, update_norm)
+    return (_value_problem(stats, rules) or _paired_problem(stats) or
+            _still_group_problem(stats, rules, update_norm))
+
+
+def _paired_problem(stats: ClientStats) -> str | None:
+    """gain = paired: a mean of V paired differences in [-1, 1] (units of the reward range): |d| <= 1, and its
+    standard error at most 1 / sqrt(V - 1), the largest an (unbiased) std of V such values allows."""
+    v = stats.validation_size
+    if not v:
+        return None
+    if abs(stats.paired_gain) > 1 + TOLERANCE:
+        return f"reported paired_gain = {stats.paired_gain:.4g} is outside [-1, 1] (units of its reward range)"
+    if not 0 <= stats.paired_se <= 1 / math.sqrt(v - 1) * (1 + TOLERANCE):
+        return (f"reported paired_se = {stats.paired_se:.4g} is outside [0, {1 / math.sqrt(v - 1):.4g}], what "
+                f"{v} paired differences in [-1, 1] allow")
+    return None
 
 
 def _value_problem(stats: ClientStats, rules: ReportRules) -> str | None:
@@ -100,3 +123,24 @@ def fabricated(stats: ClientStats) -> ClientStats:
     own range allows (r_end = r_start + R_k), a collapsed spread (0) and an inflated prompt count."""
     return replace(stats, reward_end=stats.reward_start + stats.reward_range, reward_std=0.0, reward_pooled_std=0.0,
                    num_prompts=LIE_PROMPTS)
+
+
+class Trainer(Protocol):
+    def train(self, client, rnd: int, start, owner_dir=None) -> ClientReport: ...
+
+
+class LyingOwner:
+    """The lying-owner scenario's liar: trains honestly with ``trainer``, then replaces its report with a
+    ``fabricated`` one (after any DP noise: a liar follows no protocol)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def train(self, client, rnd: int, start, owner_dir=None) -> ClientReport:
+        report = self.trainer.train(client, rnd, start, owner_dir)
+        return replace(report, stats=fabricated(report.stats))
+
+
+def trainer_of(client, trainer: Trainer) -> Trainer:
+    """How ``client`` trains: with ``trainer``, or, the scenario's liar (``client.lies``), as a ``LyingOwner``."""
+    return LyingOwner(trainer) if getattr(client, "lies", False) else trainer

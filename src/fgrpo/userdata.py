@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fgrpo.config import ConfigError
 from fgrpo.rewards import OwnerReward, owner_reward
-from fgrpo.scenarios import ClientSpec
 from fgrpo.seeds import derived_seed
 from fgrpo.tasks import TASKS, Example
 from fgrpo.trl_rewards import BatchReward
@@ -170,7 +169,9 @@ class OwnerData:
 def load_owner(source: str, reward_name: str, prompt_column: str, answer_column: str, skip_bad_rows: bool,
                eval_size: int) -> OwnerData:
     """One data owner: its rows split into train and a held-out test set (a fixed shuffle, so the
-    same rows are held out in every run), and its reward."""
+    same rows are held out in every run), and its reward. A held-out row carries the judge evaluation scores it
+    with (``Example.verifier``: the reward's first function, ``verifier_of``); a training row carries none, its
+    correctness comes with its reward."""
     loaded = load_rows(source, prompt_column, answer_column, skip_bad_rows)
     name = Path(source.rstrip("/")).stem or source
     if name in TASKS:
@@ -180,22 +181,23 @@ def load_owner(source: str, reward_name: str, prompt_column: str, answer_column:
     for r in loaded.rows:  # the row as TRL's reward functions see it: its prompt (or conversation), its columns
         prompt = [{"role": role, "content": text} for role, text in r["messages"]] if "messages" in r else r["prompt"]
         columns = {"prompt": prompt, answer_column: r["answer"], **r.get("columns", {})}
-        examples.append(Example(name, r["prompt"], r["answer"], {"answer": r["answer"]}, reward.row_verifier(columns),
-                                r.get("messages"), columns))
+        examples.append(Example(name, r["prompt"], r["answer"], {"answer": r["answer"]}, messages=r.get("messages"),
+                                columns=columns))
     order = list(range(len(examples)))
     random.Random(derived_seed("holdout", name)).shuffle(order)
     held = min(eval_size, int(len(examples) * HOLDOUT_FRACTION))
     if held < 1 or held == len(examples):
         raise DataError(f"data: {source!r} has {len(examples)} usable rows; at least 5 are needed to hold out "
                         "a test split")
-    test = [examples[i] for i in order[:held]]
+    test = [replace(examples[i], verifier=reward.verifier_of(examples[i].columns)) for i in order[:held]]
     train = [examples[i] for i in order[held:]]
     return OwnerData(name, train, test, reward, loaded.skipped, loaded.first_errors)
 
 
-def build_clients(sources: list[str], rewards: list[str], prompt_column: str, answer_column: str,
-                  skip_bad_rows: bool, eval_size: int) -> tuple[list[ClientSpec], dict[str, list[Example]], list[str]]:
-    """One client per source (its id is the source's name): (clients, test sets, notes on skipped rows)."""
+def load_owners(sources: list[str], rewards: list[str], prompt_column: str, answer_column: str,
+                skip_bad_rows: bool, eval_size: int) -> tuple[list[OwnerData], list[str]]:
+    """One owner per source (named by the source: ``load_owner``), and notes on the rows skipped. A run's clients
+    are made of them in ``scenarios.load_clients``."""
     if len(rewards) not in (1, len(sources)):
         raise ConfigError(f"rewards: {len(rewards)} names for {len(sources)} data sources; give one for all "
                           "or one per source")
@@ -206,5 +208,4 @@ def build_clients(sources: list[str], rewards: list[str], prompt_column: str, an
         if names.count(name) > 1:
             raise ConfigError(f"data: two sources are named {name!r}; each owner's file needs its own name")
     notes = [f"{o.name}: skipped {o.skipped} bad row(s), e.g. {o.first_errors[0]}" for o in owners if o.skipped]
-    clients = [ClientSpec(o.name, o.name, o.reward, o.train) for o in owners]
-    return clients, {o.name: o.test for o in owners}, notes
+    return owners, notes

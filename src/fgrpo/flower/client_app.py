@@ -27,6 +27,7 @@ from fgrpo.config import RunConfig
 from fgrpo.flower import secure, wire
 from fgrpo.host import ModelHost
 from fgrpo.scenarios import ClientSpec, centralized_client, load_clients
+from fgrpo.trust import trainer_of
 
 app = ClientApp()
 
@@ -100,16 +101,17 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["round"]
     side, client = owner(context, pooled=bool(config.get("pooled", False)))
     node = dict(context.node_config)
-    # sample completions stay on this node, where its operator says (none written without completions-dir)
+    # sample completions and the owner's log stay on this node, where its operator says (none without completions-dir)
     samples_dir = Path(str(node["completions-dir"])) if "completions-dir" in node else None
-    update = side.trainer.train(client, int(config["server-round"]), wire.record_adapter(msg.content["global"]),
-                                samples_dir)
+    trainer = trainer_of(client, side.trainer)  # the lying-owner scenario's liar: a test double of this side
+    update = trainer.train(client, int(config["server-round"]), wire.record_adapter(msg.content["global"]),
+                           samples_dir)
     update.metrics.update(side.setup)  # the seconds this process spent starting and loading, once per process
     side.setup = {k: 0.0 for k in side.setup}
     if bool(config.get("secure", False)):
         update.metrics["max_abs_delta"] = secure.keep_delta(context, update.delta)
         update = replace(update, delta={})
-    return Message(content=wire.update_content(update), reply_to=msg)
+    return Message(content=wire.report_content(update), reply_to=msg)
 
 
 @app.evaluate()

@@ -25,7 +25,7 @@ from fgrpo.evaluation import Accuracy, eval_row
 from fgrpo.flower import secure, wire
 from fgrpo.host import ModelHost
 from fgrpo.probes import probe_judge
-from fgrpo.report import ClientUpdate, warning_row
+from fgrpo.report import ClientReport, warning_row
 from fgrpo.rundir import RunRecorder, run_dir_path
 from fgrpo.scenarios import ClientSpec, client_tasks, load_clients
 from fgrpo.server import RoundFailed, SecureSum, Server, sample_participants
@@ -75,7 +75,7 @@ class FGRPOStrategy(Strategy):
                                     message_type="train", dst_node_id=node))
         return messages
 
-    def read_replies(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ClientUpdate], list[dict]]:
+    def read_replies(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ClientReport], list[dict]]:
         """(updates in the in-process client order, warning rows); remembers each client's node."""
         updates, failed = [], []
         for reply in replies:
@@ -84,7 +84,7 @@ class FGRPOStrategy(Strategy):
                 failed.append(warning_row(server_round, f"node-{node}", f"failed: {reply.error.reason}"))
                 continue
             try:
-                updates.append(wire.content_update(reply.content))
+                updates.append(wire.content_report(reply.content))
             except (KeyError, TypeError, ValueError) as err:
                 failed.append(warning_row(server_round, f"node-{node}", f"unreadable reply: {err}"))
                 continue
@@ -115,7 +115,7 @@ class FGRPOStrategy(Strategy):
         """sum_k w_k delta_k of the accepted clients through SecAgg+ (the deltas stayed on their nodes)."""
         node_of = {client: node for node, client in self.client_of_node.items()}
 
-        def weighted_sum(accepted: list[ClientUpdate], weights: list[float]):
+        def weighted_sum(accepted: list[ClientReport], weights: list[float]):
             node_weights = {node_of[u.stats.client_id]: w for u, w in zip(accepted, weights)}
             total = secure.secure_weighted_sum(self.grid, self.context, server_round, node_weights,
                                                self.server.global_adapter, self.cfg.secagg_clip_range,
@@ -173,7 +173,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = host.cfg
     clients, test_sets, _ = ([], {}, []) if remote else load_clients(cfg, host.prompt_style)
     judge = probe_judge(cfg, host, list(test_sets) or cfg.task_list)  # the server's own probes (server side only)
-    server = Server(cfg, host.adapter(), [c.client_id for c in clients], judge)
+    server = Server.for_config(cfg, host.adapter(), [c.client_id for c in clients], judge)
     run_dir = run_dir_path(cfg)
     record = RunRecorder(run_dir, cfg, server, host)
     strategy = FGRPOStrategy(cfg, server, host, record, clients, test_sets, grid, context)

@@ -4,9 +4,10 @@ Wire format (no pickle anywhere: tensors travel as Flower arrays):
     server -> client   train: arrays "global" (the adapter to start from: the global one, or under
                        local-only the client's own), config "round" {"server-round", "secure", "pooled"}
                        evaluate: arrays "global"
-    client -> server   train: arrays "delta" (delta_k), metrics "stats" (``report.STAT_KEYS``: n_k, r_start,
-                       r_end, the spreads, the range; train_seconds and the local training metrics as
-                       "train/<name>"), config "client" (client_id, task, reward_scale, delta_dtype)
+    client -> server   train: a ``report.ClientReport``: arrays "delta" (delta_k), metrics "stats"
+                       (``report.STAT_KEYS``: n_k, r_start, r_end, the spreads, the range; train_seconds, and the
+                       sent training metrics as "train/<name>", only names of ``report.SENT_METRICS``), config
+                       "client" (client_id, task, reward_scale, delta_dtype)
                        evaluate: metrics "accuracy", counts per task ("right/<task>", "right_content/<task>",
                        "in_form/<task>", "total/<task>"), added up across clients exactly
 bfloat16 deltas (delta_dtype = "bfloat16") travel as their int16 bit patterns (Flower arrays are
@@ -22,7 +23,7 @@ from fgrpo.aggregation import Adapter, ClientStats
 from fgrpo.config import RunConfig, config_fields
 from fgrpo.config_sources import build_config, toml_value
 from fgrpo.evaluation import Accuracy
-from fgrpo.report import STAT_KEYS, STAT_TYPES, ClientUpdate
+from fgrpo.report import SENT_METRICS, STAT_KEYS, STAT_TYPES, ClientReport
 
 
 def run_config_keys() -> dict[str, object]:
@@ -50,7 +51,8 @@ def record_adapter(record: ArrayRecord, dtype: str = "") -> Adapter:
     return tensors
 
 
-def update_content(update: ClientUpdate) -> RecordDict:
+def report_content(update: ClientReport) -> RecordDict:
+    """A client's report as the reply's content (exactly its fields: nothing else leaves the client)."""
     s = update.stats
     metrics = {**{k: getattr(s, k) for k in STAT_KEYS}, "train_seconds": update.seconds,
                **{f"train/{k}": v for k, v in update.metrics.items()}}
@@ -61,14 +63,15 @@ def update_content(update: ClientUpdate) -> RecordDict:
                        "client": ConfigRecord(client)})
 
 
-def content_update(content: RecordDict) -> ClientUpdate:
-    """A client's reply back into a ClientUpdate (the server screens it like any other update:
-    names, shapes, dtypes and finiteness against the global adapter, in ``Server.screen_updates``)."""
+def content_report(content: RecordDict) -> ClientReport:
+    """A client's reply back into a ClientReport (the server screens it like any other: names, shapes, dtypes and
+    finiteness against the global adapter, in ``Server.screen``); a metric not in SENT_METRICS is dropped."""
     m, c = content["stats"], content["client"]
     delta = record_adapter(content["delta"], str(c.get("delta_dtype", "")))
     stats = ClientStats(str(c["client_id"]), **{k: STAT_TYPES[k](m[k]) for k in STAT_KEYS})
-    train = {k[len("train/"):]: float(v) for k, v in m.items() if k.startswith("train/")}
-    return ClientUpdate(stats, delta, train, float(m["train_seconds"]), str(c["task"]), str(c["reward_scale"]))
+    train = {k[len("train/"):]: float(v) for k, v in m.items()
+             if k.startswith("train/") and k[len("train/"):] in SENT_METRICS}
+    return ClientReport(stats, delta, train, float(m["train_seconds"]), str(c["task"]), str(c["reward_scale"]))
 
 
 ACCURACY_COUNTS = ("right", "right_content", "in_form", "total")  # Accuracy's count fields, per task
