@@ -135,7 +135,8 @@ def test_flower_under_dp_receives_no_exact_reward_statistic(tmp_path):
     dp = ["--dp", "client", "--dp-noise", "0.01", "--dp-stats-noise", "0.5"]
     assert main(["run", *TINY, *moving, "--rounds", "1", "--num-clients", "2", *dp,
                  "--out", str(tmp_path / "in-process")]) == 0
-    flower_simulation(tmp_path, f"{TINY_RUN_CONFIG} {MOVING_RUN_CONFIG} rounds=1 num-clients=2 dp='client' "
+    merged = dict(pair.split("=", 1) for pair in f"{TINY_RUN_CONFIG} {MOVING_RUN_CONFIG}".split())  # later wins
+    flower_simulation(tmp_path, " ".join(f"{k}={v}" for k, v in merged.items()) + " rounds=1 num-clients=2 dp='client' "
                                 f"dp-noise=0.01 dp-stats-noise=0.5 out='{tmp_path / 'flower'}'", supernodes=2)
     rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
                    if json.loads(x)["kind"] == "client"] for name in ("flower", "in-process")}
