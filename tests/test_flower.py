@@ -180,6 +180,7 @@ def test_secure_aggregation_equals_plain_aggregation(tmp_path):
     assert json.loads((tmp_path / "secure" / "summary.json").read_text())["rounds"] == 2
 
 
+@pytest.mark.slow
 def test_local_deployment_with_tls_and_supernode_auth(tmp_path):
     """SuperLink + 2 SuperNodes, 2 rounds, TLS and SuperNode authentication on (the insecure
     deployment runs in the next test and in tests/test_tutorial.py)."""
@@ -208,6 +209,7 @@ def test_local_deployment_with_tls_and_supernode_auth(tmp_path):
     assert len(pids) == 3 and not any(group_alive(p) for p in pids)  # SuperLink + 2 SuperNodes, all gone
 
 
+@pytest.mark.slow
 def test_run_survives_a_supernode_stopped_mid_run(tmp_path):
     """Stop one of two SuperNodes after round 1: the run finishes with the other. The nodes name
     themselves (client-id), and the server's rows use those names."""

@@ -6,6 +6,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +19,7 @@ def tutorial_script() -> str:
     return "set -euo pipefail\n" + "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 def test_tutorial_commands_run_as_written(tmp_path):
     env = {**os.environ, "FGRPO_REPO": str(ROOT), "FGRPO_CACHE": str(tmp_path / "cache"),
            "FGRPO_DEPLOY_DIR": str(tmp_path / "deploy")}
