@@ -168,8 +168,9 @@ class RunConfig:
                    "own, with its standard error; 'probe' = the change of the server's probe accuracy that the "
                    "update makes alone (needs probes). docs/algorithm.md, section 3.")
     validation_size: int = _f(100, "gain = 'paired': prompts each owner holds out of its training data (never "
-                              "trained on, never sent) and scores greedily before and after local training (100: "
-                              "about 10% of a default round's local time, 20% with 5 local steps).")
+                              "trained on, never sent) and scores greedily before and after local training (100, "
+                              "embedded model, 5 local steps: 15-20% of an owner's local time, 36% for one with 16 "
+                              "prompts a round; SmolLM2 with 24: 36%; BENCHMARKS.md).")
     # --- owners that cannot be trusted (docs/trust.md) ----------------------------------------------
     check_reports: bool = _f(True, "Check every client's report before weighing it (finite numbers, a prompt count "
                              "the server asked for, rewards and spreads consistent with the client's own reward "

@@ -75,20 +75,23 @@ def batch_size_for(max_new_tokens: int) -> int:
 def evaluate(model, tokenizer, test_sets: dict[str, Sequence[Example]], max_new_tokens: int) -> Accuracy:
     """Per-task greedy accuracy: the fraction of held-out prompts answered exactly right, and the
     fraction right with the format forgiven (``content_correctness``)."""
-    model.eval()
-    batch_size = batch_size_for(max_new_tokens)
     accuracy = Accuracy({}, {}, {}, {})
     for task, examples in test_sets.items():
-        right = right_content = in_form = 0
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            texts = generate(model, tokenizer, prompt_texts(tokenizer, chunk), 1, max_new_tokens, greedy=True).texts
-            right += sum(correctness(e, t) >= 1.0 for e, t in zip(chunk, texts))
-            right_content += sum(content_correctness(e, t) >= 1.0 for e, t in zip(chunk, texts))
-            in_form += sum(format_reward(e, t) for e, t in zip(chunk, texts))
-        accuracy.right[task], accuracy.right_content[task] = int(right), int(right_content)
-        accuracy.in_form[task], accuracy.total[task] = int(in_form), len(examples)
+        texts = greedy_texts(model, tokenizer, examples, max_new_tokens)
+        accuracy.right[task] = int(sum(correctness(e, t) >= 1.0 for e, t in zip(examples, texts)))
+        accuracy.right_content[task] = int(sum(content_correctness(e, t) >= 1.0 for e, t in zip(examples, texts)))
+        accuracy.in_form[task], accuracy.total[task] = int(sum(map(format_reward, examples, texts))), len(examples)
     return accuracy
+
+
+def greedy_texts(model, tokenizer, examples: Sequence[Example], max_new_tokens: int) -> list[str]:
+    """Greedy completions for ``examples``, in batches of ``batch_size_for(max_new_tokens)``."""
+    model.eval()
+    size, texts = batch_size_for(max_new_tokens), []
+    for i in range(0, len(examples), size):
+        chunk = examples[i:i + size]
+        texts += generate(model, tokenizer, prompt_texts(tokenizer, chunk), 1, max_new_tokens, greedy=True).texts
+    return texts
 
 
 def pass_at_k(model, tokenizer, test_sets: dict[str, Sequence[Example]], k: int, max_new_tokens: int,

@@ -20,9 +20,8 @@ from peft import get_peft_model_state_dict
 
 from fgrpo.aggregation import Adapter
 from fgrpo.config import RunConfig
-from fgrpo.evaluation import Accuracy, batch_size_for, eval_row, evaluate
+from fgrpo.evaluation import Accuracy, eval_row, evaluate, greedy_texts
 from fgrpo.model import add_lora, autocast_context, load_base, resolve_device, resolve_prompt_style
-from fgrpo.rollouts import generate, prompt_texts
 from fgrpo.sampler import resolve_rollout_precision
 from fgrpo.server_state import ServerState
 from fgrpo.tasks import Example
@@ -71,14 +70,8 @@ class ModelHost:
         batches (so the same texts)."""
         if adapter is not None:
             self.load(adapter)
-        self.model.eval()
-        size, texts = batch_size_for(self.cfg.max_new_tokens), []
         with self.autocast():
-            for i in range(0, len(examples), size):
-                chunk = examples[i:i + size]
-                texts += generate(self.model, self.tokenizer, prompt_texts(self.tokenizer, chunk), 1,
-                                  self.cfg.max_new_tokens, greedy=True).texts
-        return texts
+            return greedy_texts(self.model, self.tokenizer, examples, self.cfg.max_new_tokens)
 
     def evaluate_own(self, adapters: dict[str, Adapter], client_tasks: dict[str, list[str]],
                      test_sets: dict[str, Sequence[Example]]) -> Accuracy:
