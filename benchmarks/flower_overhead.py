@@ -92,12 +92,22 @@ def run_simulation(options: dict, out: Path, clients: int, work: Path) -> None:
         link.wait(timeout=60)
 
 
+def run_deployment(options: dict, out: Path, clients: int, rounds: int, work: Path, resident: bool) -> None:
+    """scripts/local-deployment.sh (SuperLink + one SuperNode per client); ``resident``: with each owner's
+    resident process (``fgrpo owner serve``) beside its SuperNode."""
+    overrides = config_text({k: v for k, v in options.items() if k not in ("num-clients", "rounds")})
+    subprocess.run([str(ROOT / "scripts" / "local-deployment.sh"), str(clients), str(rounds),
+                    f"{overrides} out='{out}'"], check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "FGRPO_DEPLOY_DIR": str(work), "FGRPO_RESIDENT": "1" if resident else "0"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="embedded", help="'embedded' (default) or 'smollm2'")
-    parser.add_argument("--runtimes", default="simulation,deployment", help="Flower runtimes to run beside "
-                        "in-process, comma-separated (default: simulation,deployment)")
+    parser.add_argument("--runtimes", default="simulation,deployment,resident", help="Flower runtimes to run "
+                        "beside in-process, comma-separated: simulation, deployment, resident (the deployment "
+                        "with each owner's resident process); default: all three")
     args = parser.parse_args()
     runtimes = args.runtimes.split(",")
     clients = 2
@@ -114,11 +124,9 @@ def main() -> None:
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if "simulation" in runtimes:
         run_simulation(options, work / "simulation", clients, work)
-    if "deployment" in runtimes:
-        overrides = config_text({k: v for k, v in options.items() if k not in ("num-clients", "rounds")})
-        subprocess.run([str(ROOT / "scripts" / "local-deployment.sh"), str(clients), str(rounds),
-                        f"{overrides} out='{work / 'deployment'}'"], check=True, stdout=subprocess.DEVNULL,
-                       env={**os.environ, "FGRPO_DEPLOY_DIR": str(work / "deploy")})
+    for name in ("deployment", "resident"):
+        if name in runtimes:
+            run_deployment(options, work / name, clients, rounds, work / f"{name}-work", resident=name == "resident")
     names = ["in-process", *runtimes]
     times = {name: round_seconds(work / name) for name in names}
     base = times["in-process"]
@@ -129,7 +137,7 @@ def main() -> None:
         if len(base) > 1:
             result[f"{name}_steady_ratio"] = statistics.median(times[name][1:]) / statistics.median(base[1:])
         result[f"{name}_first_round_ratio"] = times[name][0] / base[0]
-        for key in ("clientapp_setup_seconds", "model_load_seconds"):
+        for key in ("clientapp_setup_seconds", "model_load_seconds", "ready_seconds"):
             result[f"{name}_{key}_per_round"] = [round(x, 2) for x in setup_seconds(work / name, key)]
     result["round_seconds"] = {k: [round(x, 2) for x in v] for k, v in times.items()}
     for name, values in times.items():

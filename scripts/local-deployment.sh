@@ -12,6 +12,11 @@
 # and SuperNode authentication: each SuperNode's public key is registered with the SuperLink
 # before the SuperNode starts, and only registered SuperNodes can join.
 #
+# With FGRPO_RESIDENT=1 each SuperNode gets a resident owner process (`fgrpo owner serve`, the same run config
+# and node config; socket $FGRPO_DEPLOY_DIR/owner-k.sock, log owner-k.log, pids in owner-pids) that loads the
+# owner's model and data once; the SuperNode's node config names its socket (owner-socket), so each round's
+# ClientApp only passes the message on. They start before the run and stop with the rest.
+#
 # Each process starts in its own process group (setsid) and is stopped by group, so the SuperExec,
 # ServerApp and ClientApp children go with it. Logs and Flower's state: $FGRPO_DEPLOY_DIR
 # (default: a new temporary folder, printed). The run directory: out=... in the overrides, else
@@ -74,6 +79,12 @@ address = "127.0.0.1:$LINK_PORT"
 $CONNECTION
 TOML
 
+case " $OVERRIDES " in
+    *" out="*) RUN_CONFIG="num-clients=$N rounds=$R $OVERRIDES" ;;
+    *) OUT="$APP_DIR/runs/deployment-$(date +%Y%m%d-%H%M%S)"
+       RUN_CONFIG="num-clients=$N rounds=$R out='$OUT' $OVERRIDES" ;;
+esac
+
 # N SuperNodes share this machine's cores: each ClientApp gets its share of threads (with the
 # default, every process runs one thread per core and OpenMP oversubscription slows training ~10x)
 THREADS=$(( $(nproc) / N ))
@@ -85,20 +96,39 @@ for k in $(seq 0 $((N - 1))); do
     else
         NODE_SECURITY=(--insecure)
     fi
+    NODE_CONFIG=${NODE_CONFIGS[$k]:-partition-id=$k num-partitions=$N}
+    if [ "${FGRPO_RESIDENT:-0}" = 1 ]; then
+        NODE_CONFIG="$NODE_CONFIG owner-socket=\"$WORK/owner-$k.sock\""
+    fi
     OMP_NUM_THREADS=$THREADS setsid flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$LINK_PORT" --port "$(free_port)" \
-        --node-config "${NODE_CONFIGS[$k]:-partition-id=$k num-partitions=$N}" > "$WORK/supernode-$k.log" 2>&1 &
+        --node-config "$NODE_CONFIG" > "$WORK/supernode-$k.log" 2>&1 &
     PIDS+=($!)
     echo "$!" >> "$WORK/pids"
+    if [ "${FGRPO_RESIDENT:-0}" = 1 ]; then
+        rm -f "$WORK/owner-$k.sock.status.json"
+        OMP_NUM_THREADS=$THREADS setsid fgrpo owner serve --socket "$WORK/owner-$k.sock" --run-config "$RUN_CONFIG" \
+            --node-config "$NODE_CONFIG" > "$WORK/owner-$k.log" 2>&1 &
+        PIDS+=($!)
+        echo "$!" >> "$WORK/owner-pids"
+    fi
 done
+if [ "${FGRPO_RESIDENT:-0}" = 1 ]; then  # each resident has loaded its model and listens (or the run stops here)
+    for k in $(seq 0 $((N - 1))); do
+        pid=$(sed -n "$((k + 1))p" "$WORK/owner-pids")
+        until [ -f "$WORK/owner-$k.sock.status.json" ]; do  # written once it listens
+            if ! kill -0 "$pid" 2>/dev/null; then
+                echo "owner process $k exited at start; its log ($WORK/owner-$k.log) ends with:" >&2
+                tail -3 "$WORK/owner-$k.log" >&2
+                exit 1
+            fi
+            sleep 0.5
+        done
+    done
+fi
 
-case " $OVERRIDES " in
-    *" out="*) RUN_CONFIG="num-clients=$N rounds=$R $OVERRIDES" ;;
-    *) OUT="$APP_DIR/runs/deployment-$(date +%Y%m%d-%H%M%S)"
-       RUN_CONFIG="num-clients=$N rounds=$R out='$OUT' $OVERRIDES" ;;
-esac
 sleep 2
 for k in $(seq 0 $((N - 1))); do
-    if ! kill -0 "${PIDS[$((k + 1))]}" 2>/dev/null; then
+    if ! kill -0 "$(sed -n "$((k + 2))p" "$WORK/pids")" 2>/dev/null; then
         echo "SuperNode $k exited at start; its log ($WORK/supernode-$k.log) ends with:" >&2
         tail -3 "$WORK/supernode-$k.log" >&2
         exit 1

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from fgrpo.aggregation import ClientStats
 from fgrpo.cli import main
 from fgrpo.flower import wire
+from fgrpo.flower.run_config import run_config_keys
 from fgrpo.report import REWARDS, SENT_METRICS, ClientReport
 from tiny import MOVING, MOVING_ARGS, TINY
 
@@ -28,8 +29,8 @@ MOVING_RUN_CONFIG = " ".join(f"{k.replace('_', '-')}={v!r}" for k, v in MOVING.i
 
 def test_flower_run_config_mirrors_every_fgrpo_option():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert pyproject["tool"]["flwr"]["app"]["config"] == wire.run_config_keys(), (
-        "pyproject.toml's [tool.flwr.app.config] is stale: replace it with `python -m fgrpo.flower.wire`")
+    assert pyproject["tool"]["flwr"]["app"]["config"] == run_config_keys(), (
+        "pyproject.toml's [tool.flwr.app.config] is stale: replace it with `python -m fgrpo.flower.run_config`")
 
 
 def test_reply_round_trip_keeps_the_update():

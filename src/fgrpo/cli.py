@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -61,7 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     _add_reading_commands(sub)
+    _add_owner_commands(sub)
     return parser
+
+
+def _add_owner_commands(sub) -> None:
+    """``fgrpo owner serve`` and ``fgrpo owner status``: a data owner's resident process on a Flower SuperNode."""
+    own = sub.add_parser("owner", help="a data owner's resident process beside a Flower SuperNode",
+                         description="Keep one data owner's model, data and verifiers loaded across the rounds of "
+                         "a Flower deployment (docs/distributed.md).")
+    owner_sub = own.add_subparsers(dest="owner_command", required=True)
+    serve = owner_sub.add_parser("serve", help="load the owner's side once and train each round its ClientApp asks",
+                                 description="Load the base model, the owner's data and verifiers once, then "
+                                 "answer the ClientApp of the SuperNode whose node config has owner-socket=PATH.")
+    serve.add_argument("--socket", required=True, metavar="PATH", help="the Unix socket to listen on (mode 0600)")
+    serve.add_argument("--run-config", default="", help="the run's config, as given to `flwr run --run-config`")
+    serve.add_argument("--node-config", default="", help="the SuperNode's --node-config (partition-id=0, or "
+                       'data="/path/owner.jsonl" reward="math"; completions-dir, client-id)')
+    serve.set_defaults(func=cmd_owner_serve)
+    status = owner_sub.add_parser("status", help="print a resident process's status (exit 1: none answers)")
+    status.add_argument("--socket", required=True, metavar="PATH")
+    status.set_defaults(func=cmd_owner_status)
 
 
 def _add_reading_commands(sub) -> None:
@@ -166,6 +187,24 @@ def cmd_completions(args: argparse.Namespace) -> int:
     from fgrpo.commands import show_completions
 
     show_completions(args.run_dir, args.round, args.client)
+    return 0
+
+
+def cmd_owner_serve(args: argparse.Namespace) -> int:
+    from fgrpo.flower.resident import serve
+
+    serve(args.socket, args.run_config, args.node_config)
+    return 0
+
+
+def cmd_owner_status(args: argparse.Namespace) -> int:
+    from fgrpo.flower.resident import OwnerFailed, Unreachable, ask
+
+    try:
+        print(json.dumps(ask(args.socket, {"kind": "status"}, None, timeout=10)))
+    except (Unreachable, OwnerFailed) as err:
+        print(f"fgrpo: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

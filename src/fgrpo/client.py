@@ -14,7 +14,6 @@ starts afresh every round).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from fgrpo.config import ConfigError, RunConfig
 from fgrpo.grpo import GRPOSettings, LocalResult, local_grpo, prompt_batches
 from fgrpo.host import ModelHost
 from fgrpo.paired import paired_difference
-from fgrpo.report import ClientReport, append_owner_log, owner_log_row, sent_metrics, stats_of
+from fgrpo.report import ClientReport, append_owner_log, append_records, owner_log_row, sent_metrics, stats_of
 from fgrpo.rewards import judged
 from fgrpo.rollouts import kl_to_reference
 from fgrpo.scenarios import ClientSpec
@@ -155,6 +154,4 @@ def keep_samples(folder: Path | None, client_id: str, rnd: int, samples: list[di
             completion.update({"extra": extra} if extra else {})
             index += 1
         record.update({"reward_metrics": metrics} if metrics else {})
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{client_id}.jsonl", "a") as fh:
-        fh.writelines(json.dumps({"round": rnd, "client_id": client_id, **s}, default=str) + "\n" for s in samples)
+    append_records(folder / f"{client_id}.jsonl", [{"round": rnd, "client_id": client_id, **s} for s in samples])

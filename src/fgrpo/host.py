@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from peft import get_peft_model_state_dict
@@ -31,7 +32,10 @@ class ModelHost:
     """The base model with its LoRA adapter, the tokenizer and the device; ``cfg`` is the run's config
     with its prompt style and rollout precision resolved for this model and machine (what config.toml records)."""
 
+    loads: ClassVar[int] = 0  # base models this process has loaded (a resident owner process reports it)
+
     def __init__(self, cfg: RunConfig, progress=None):
+        ModelHost.loads += 1
         self.device = resolve_device(cfg.device)
         self.autocast = autocast_context(self.device, cfg.mixed_precision)
         base, self.tokenizer = load_base(cfg.model, self.device, cfg.warm_start_steps, cfg.cache_dir, progress,

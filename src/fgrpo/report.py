@@ -14,6 +14,7 @@ per-sample rewards.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -48,6 +49,7 @@ SENT_METRICS: dict[str, str] = {
     "grad_norm": REWARDS, "clip_ratio": REWARDS, "generations_per_step": REWARDS,
     "proximal_term": UPDATE, "dp_clipped": UPDATE,
     "max_abs_delta": RUNTIME, "clientapp_setup_seconds": RUNTIME, "model_load_seconds": RUNTIME,
+    "ready_seconds": RUNTIME,
     "validation_seconds": RUNTIME,
 }
 # Everything else stays with the owner: reward_std and reward_pooled_std as the steps measured them (the server
@@ -106,8 +108,18 @@ def owner_log_row(rnd: int, exact: ClientStats, metrics: dict[str, float], secon
 
 def append_owner_log(folder: Path | None, row: dict) -> None:
     """Append ``row`` to ``folder/<client_id>.log.jsonl`` on the owner's side (no folder: not kept)."""
-    if folder is None:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{row['client_id']}.log.jsonl", "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    if folder is not None:
+        append_records(folder / f"{row['client_id']}.log.jsonl", [row])
+
+
+def append_records(path: Path, records: list[dict]) -> None:
+    """Append ``records`` as JSON lines in one write, so a process killed meanwhile leaves the file with all of
+    them or none (never a torn line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(r, default=str) + "\n" for r in records).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)

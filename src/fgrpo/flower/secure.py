@@ -22,11 +22,12 @@ Values beyond c are clipped: a client reports its largest |delta| as ``max_abs_d
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from flwr.server import ServerConfig
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -37,6 +38,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from fgrpo.aggregation import Adapter
+from fgrpo.flower import wire
 
 WEIGHT_SCALE = 1_000_000  # num_examples = round(w_k * WEIGHT_SCALE); SecAgg+'s max_weight
 PENDING = "fgrpo-pending-delta"  # where a client keeps delta_k between the two phases
@@ -44,11 +46,6 @@ QUANTIZATION_RANGE = 2**22  # Flower's default
 
 
 # --- client side ----------------------------------------------------------------------------------
-def is_secagg_stage(msg: Message) -> bool:
-    """A message of the SecAgg+ protocol (as opposed to fgrpo's own train message)."""
-    return RECORD_KEY_CONFIGS in msg.content.config_records
-
-
 def masked_reply(msg: Message, context: Context) -> Message:
     """The fit reply SecAgg+ masks: this client's kept delta_k, num_examples encoding w_k."""
     weight = float(msg.content.config_records["fitins.config"]["weight"])
@@ -57,6 +54,14 @@ def masked_reply(msg: Message, context: Context) -> Message:
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), round(weight * WEIGHT_SCALE), {})
     del context.state.array_records[PENDING]
     return Message(content=fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def kept_at_home(context: Context, content: RecordDict) -> RecordDict:
+    """A train reply's content under secure aggregation: delta_k stays in this node's context state for phase 2;
+    the reply carries the statistics and max |delta| (SecAgg+ clips beyond secagg_clip_range)."""
+    update = wire.content_report(content)
+    update.metrics["max_abs_delta"] = keep_delta(context, update.delta)
+    return wire.report_content(replace(update, delta={}))
 
 
 def keep_delta(context: Context, delta: Adapter) -> float:

@@ -23,6 +23,7 @@ from fgrpo.checks import check_flower_runtime
 from fgrpo.config import RunConfig
 from fgrpo.evaluation import Accuracy, eval_row
 from fgrpo.flower import secure, wire
+from fgrpo.flower.run_config import config_from_run_config
 from fgrpo.host import ModelHost
 from fgrpo.probes import probe_judge
 from fgrpo.report import ClientReport, warning_row
@@ -31,6 +32,52 @@ from fgrpo.scenarios import ClientSpec, client_tasks, load_clients
 from fgrpo.server import RoundFailed, SecureSum, Server, sample_participants
 
 app = ServerApp()
+REPLY_POLL_SECONDS = 0.1
+
+
+class PromptGrid(Grid):
+    """Flower's Grid, with a round's replies pulled every ``REPLY_POLL_SECONDS``: flwr 1.42's deployment Grid
+    (``HttpGrid.send_and_receive``) sleeps 3 s between pulls, so a deployed round waited up to 3 s after its
+    last reply. Everything else is the wrapped Grid's."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
+
+    def get_nodes(self):
+        return self.grid.get_nodes()
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        waiting, replies = set(self.push_messages(messages)), []
+        end = None if timeout is None else time.time() + timeout
+        while waiting and (end is None or time.time() < end):
+            pulled = list(self.pull_messages(waiting))
+            replies += pulled
+            waiting -= {m.metadata.reply_to_message_id for m in pulled}
+            if waiting:
+                time.sleep(REPLY_POLL_SECONDS)
+        return replies
 
 
 class FGRPOStrategy(Strategy):
@@ -81,7 +128,8 @@ class FGRPOStrategy(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                failed.append(warning_row(server_round, f"node-{node}", f"failed: {reply.error.reason}"))
+                owner = self.client_of_node.get(node, f"node-{node}")  # named once it has replied
+                failed.append(warning_row(server_round, owner, f"failed: {reply.error.reason}"))
                 continue
             try:
                 updates.append(wire.content_report(reply.content))
@@ -166,7 +214,8 @@ class FGRPOStrategy(Strategy):
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     start = time.perf_counter()
-    cfg = wire.config_from_run_config(dict(context.run_config))
+    grid = PromptGrid(grid)
+    cfg = config_from_run_config(dict(context.run_config))
     remote = cfg.scenario == "user-data" and not cfg.data.strip()  # each SuperNode brings its own data
     check_flower_runtime(cfg, owners_bring_data=remote)
     host = ModelHost(cfg)  # evaluation (named scenarios) and saving the adapter

@@ -1,4 +1,5 @@
-"""What the ServerApp and ClientApp exchange: the run config and the wire format of the messages.
+"""What the ServerApp and ClientApp exchange: the wire format of the messages (the run config:
+``fgrpo.flower.run_config``).
 
 Wire format (no pickle anywhere: tensors travel as Flower arrays):
     server -> client   train: arrays "global" (the adapter to start from: the global one, or under
@@ -20,21 +21,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fgrpo.aggregation import Adapter, ClientStats
-from fgrpo.config import RunConfig, config_fields
-from fgrpo.config_sources import build_config, toml_value
 from fgrpo.evaluation import Accuracy
 from fgrpo.report import SENT_METRICS, STAT_KEYS, STAT_TYPES, ClientReport
-
-
-def run_config_keys() -> dict[str, object]:
-    """The Flower run config keys (kebab-case) and defaults, one per ``fgrpo run`` option."""
-    defaults = RunConfig()
-    return {f.name.replace("_", "-"): getattr(defaults, f.name) for f in config_fields()}
-
-
-def config_from_run_config(run_config: dict) -> RunConfig:
-    """A validated RunConfig from Flower's run config (unknown keys are a ConfigError)."""
-    return build_config(overrides={k.replace("-", "_"): v for k, v in run_config.items()})
 
 
 def adapter_record(adapter: Adapter) -> ArrayRecord:
@@ -89,12 +77,3 @@ def record_accuracy(record: MetricRecord) -> Accuracy:
         part, task = key.split("/", 1)
         counts[part][task] = int(value)
     return Accuracy(**counts)
-
-
-def run_config_toml() -> str:
-    """The ``[tool.flwr.app.config]`` section of pyproject.toml (``python -m fgrpo.flower.wire``)."""
-    return "[tool.flwr.app.config]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in run_config_keys().items())
-
-
-if __name__ == "__main__":
-    print(run_config_toml(), end="")
