@@ -12,7 +12,7 @@ round's update fails with that error (the server leaves the owner out for the ro
 from __future__ import annotations
 
 import time
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.app import Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
@@ -39,7 +39,10 @@ def answer(kind: str, msg: Message, context: Context, received: float) -> Record
         timeout = float(run_config.get("client-timeout", 0.0)) or None  # the round's timeout (unset: none)
         try:
             header = resident.request(kind, context.run_id, run_config, node_config, received)
-            return resident.ask(str(path), header, msg.content, timeout)
+            reply = resident.ask(str(path), header, msg.content, timeout)
+            log(INFO, "the owner process answered the %s message (received at %.3f) in %.2f s", kind, received,
+                time.time() - received)
+            return reply
         except resident.Unreachable as err:
             log(WARNING, "%s; this ClientApp loads the owner's model and data itself", err)
     from fgrpo.flower import node  # torch, the model and the owner's data: only without a resident process

@@ -81,7 +81,7 @@ def receive_frame(sock: socket.socket) -> tuple[dict, bytes]:
 
 def identity(run_config: dict, node_config: dict) -> dict:
     """What must match between a message and the resident: base model, node config and the whole config."""
-    cfg = node_run_config(run_config, node_config)
+    cfg = node_run_config(run_config, node_config, checked=False)  # the resident checked its own at start
     return {"model": cfg.model, "node": {k: str(v) for k, v in sorted(node_config.items()) if k != SOCKET_KEY},
             "config_hash": config_hash(cfg), "config": {k: str(v) for k, v in cfg.to_dict().items()}}
 

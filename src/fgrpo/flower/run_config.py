@@ -20,15 +20,16 @@ def run_config_keys() -> dict[str, object]:
     return {f.name.replace("_", "-"): getattr(defaults, f.name) for f in config_fields()}
 
 
-def config_from_run_config(run_config: dict) -> RunConfig:
-    """A validated RunConfig from Flower's run config (unknown keys are a ConfigError)."""
-    return build_config(overrides={k.replace("-", "_"): v for k, v in run_config.items()})
+def config_from_run_config(run_config: dict, checked: bool = True) -> RunConfig:
+    """A validated RunConfig from Flower's run config (unknown keys are a ConfigError); ``checked``: also against
+    the task catalogue and the machine (``config_sources.build_config``)."""
+    return build_config(overrides={k.replace("-", "_"): v for k, v in run_config.items()}, checked=checked)
 
 
-def node_run_config(run_config: dict, node_config: dict) -> RunConfig:
+def node_run_config(run_config: dict, node_config: dict, checked: bool = True) -> RunConfig:
     """The RunConfig a SuperNode trains under: the run's, with the owner's own data and verifier when its node
     config names them (``data="/path/owner.jsonl" reward="math"``)."""
-    cfg = config_from_run_config(run_config)
+    cfg = config_from_run_config(run_config, checked)
     if "data" in node_config:
         cfg = replace(cfg, scenario="user-data", data=str(node_config["data"]),
                       rewards=str(node_config.get("reward", cfg.rewards)))
