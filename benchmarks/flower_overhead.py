@@ -1,17 +1,22 @@
 """Round wall time under Flower (simulation and deployment runtimes) / in-process, same work.
 
-The same config runs three ways, one after the other on this machine: ``fgrpo run`` (in-process),
-``flwr run`` on a simulation SuperLink, and ``scripts/local-deployment.sh`` (a SuperLink and one
-SuperNode per client as separate processes). A round's wall time is the difference between the
+The same config runs up to four ways, one after the other on this machine: ``fgrpo run`` (in-process),
+``flwr run`` on a simulation SuperLink, ``scripts/local-deployment.sh`` (a SuperLink and one SuperNode per
+client as separate processes), and the same with each owner's resident process. A round's wall time is the difference between the
 ``clock_seconds`` of consecutive evaluation rows (training, aggregation and evaluation). Round 1
 includes each ClientApp loading its model, so the steady-state figure is the median over rounds
 2..R; both are printed. Target: steady-state ratio <= 1.25.
 
     python benchmarks/flower_overhead.py            # full: 2 clients, 6 rounds, embedded default
     python benchmarks/flower_overhead.py --quick    # 2 clients, 3 rounds, fewer local steps
-    python benchmarks/flower_overhead.py --model smollm2 --runtimes deployment
+    python benchmarks/flower_overhead.py --model smollm2 --runtimes deployment,resident
         # the real model (the smollm2 preset's owners and sizes, 2 rounds of 2 local steps, 20 held-out
-        # prompts per task): in-process against the deployment runtime only
+        # prompts per task): in-process against the deployment runtime, without and with resident processes
+
+With ``resident`` (``FGRPO_RESIDENT=1 scripts/local-deployment.sh``), each owner's resident process
+(``fgrpo owner serve``) keeps its model loaded and each round's ClientApp only passes the message on;
+``ready_seconds`` is the time from the ClientApp receiving the message to the owner's round starting
+(per round, summed over its clients), and the slowest client's local training is printed beside it.
 
 Each ClientApp process reports, with its first update, the seconds from its start to having its model
 and data (``clientapp_setup_seconds``) and the part of that spent loading them (``model_load_seconds``);
@@ -54,6 +59,13 @@ def setup_seconds(run_dir: Path, key: str) -> list[float]:
     """Per round, the sum over its clients of ``key`` (what ClientApp processes spent starting and loading)."""
     rows = [r for r in metric_rows(run_dir) if r["kind"] == "client"]
     return [sum(r.get(key, 0.0) for r in rows if r["round"] == rnd) for rnd in sorted({r["round"] for r in rows})]
+
+
+def slowest_training(run_dir: Path) -> list[float]:
+    """Per round, the longest local training of its clients (``train_seconds``): the part of a round that the
+    owners' own work takes; the rest is the runtime's (messages, process starts) and the server's."""
+    rows = [r for r in metric_rows(run_dir) if r["kind"] == "client"]
+    return [max(r["train_seconds"] for r in rows if r["round"] == rnd) for rnd in sorted({r["round"] for r in rows})]
 
 
 def config_text(options: dict) -> str:
@@ -137,8 +149,10 @@ def main() -> None:
         if len(base) > 1:
             result[f"{name}_steady_ratio"] = statistics.median(times[name][1:]) / statistics.median(base[1:])
         result[f"{name}_first_round_ratio"] = times[name][0] / base[0]
+        result[f"{name}_slowest_training_per_round"] = [round(x, 2) for x in slowest_training(work / name)]
         for key in ("clientapp_setup_seconds", "model_load_seconds", "ready_seconds"):
             result[f"{name}_{key}_per_round"] = [round(x, 2) for x in setup_seconds(work / name, key)]
+    result["in-process_training_per_round"] = [round(x, 2) for x in slowest_training(work / "in-process")]
     result["round_seconds"] = {k: [round(x, 2) for x in v] for k, v in times.items()}
     for name, values in times.items():
         print(f"{name:11s} round seconds: " + " ".join(f"{x:6.2f}" for x in values))

@@ -32,6 +32,10 @@ WORK=${FGRPO_DEPLOY_DIR:-$(mktemp -d -t fgrpo-deploy-XXXXXX)}
 mkdir -p "$WORK"
 echo "logs and state: $WORK"
 
+# Flower's processes start each other by name (flwr-clientapp, flwr-serverapp): take them from this Python's
+# own bin folder, not through a version manager's shim (pyenv's costs a bash and a pyenv exec per round).
+PATH="$(dirname "$(python -c 'import sys; print(sys.executable)')"):$PATH"
+
 free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 PIDS=()
