@@ -21,8 +21,11 @@ run by PyTorch's dynamic-quantization kernel (``Int8DynamicLinear``). For each p
 against the float32 policy is printed too: the mean and largest |log pi - log pi_sampler| per completion
 token, the mean sequence_mask weight and the share of sequences it masks (cap 3), and the mean length.
 
-The CPU model and whether it has native bfloat16 (avx512_bf16 / amx_bf16), and what ``auto`` chooses
-for this model, are printed first.
+The CPU model and whether it has native bfloat16 (avx512_bf16 / amx_bf16), what ``auto`` chooses
+for this model, and the sampler's kernels ``fgrpo.kernels`` chose for each precision (measured once per
+machine, or read from its cache) are printed first. Where the choice is not the default kernels, ours is
+also timed on the default kernels (``ours_<precision>_default_kernels``); with --decode-bound, the one-row
+decode step and the LM head are timed on the default kernels and on the chosen ones, side by side.
 """
 
 from __future__ import annotations
@@ -34,17 +37,27 @@ import platform
 import statistics
 import time
 import warnings
+from contextlib import contextmanager
 
 import torch
 from transformers import GenerationConfig
 
-from fgrpo import tasks
+from fgrpo import kernels, tasks
 from fgrpo.config import RunConfig
 from fgrpo.grpo import sampler_correction
 from fgrpo.model import add_lora, load_base, resolve_prompt_style
 from fgrpo.rollouts import decode, generate, per_token_logps, prompt_texts
 from fgrpo.runner import quiet_libraries
-from fgrpo.sampler import LOW_PRECISION, NATIVE_BF16_FLAGS, cpu_flags, resolve_rollout_precision, sampler_weights
+from fgrpo.sampler import (
+    LOW_PRECISION,
+    NATIVE_BF16_FLAGS,
+    cpu_flags,
+    plain_linears,
+    resolve_rollout_precision,
+    sampler_choice,
+    sampler_linear,
+    sampler_weights,
+)
 
 
 class Int8DynamicLinear(torch.nn.Module):
@@ -99,12 +112,35 @@ def weight_bytes(model, precision: str) -> int:
     return total
 
 
+@contextmanager
+def forced(choice: kernels.Choice | None):
+    """Run inside with the sampler's kernels set to ``choice`` (None: the measured choice)."""
+    kernels.FORCED = choice
+    try:
+        yield
+    finally:
+        kernels.FORCED = None
+
+
+@torch.inference_mode()
+def head_ms(model, precision: str, kernel: str, reps: int = 10) -> float:
+    """Median milliseconds of the LM head (the largest frozen linear layer) for one row, as ``kernel``."""
+    head = max((child for _, _, child in plain_linears(model)), key=lambda m: m.weight.numel())
+    layer, x = sampler_linear(kernel, precision, head.weight, head.bias), torch.randn(1, head.in_features)
+    times = []
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        layer(x)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[1:])
+
+
 @torch.inference_mode()
 def decode_step_ms(model, tokenizer, precision: str, steps: int = 24) -> float:
     """Median milliseconds of one decode step with one row, on the sampler's weights at ``precision``."""
     ids = tokenizer(["Solve the task. " * 4], return_tensors="pt")["input_ids"]
     mask = torch.ones_like(ids)
-    with sampler_weights(model, precision):
+    with sampler_weights(model, precision, 1):
         decode(model, ids, mask, 4, -1, 0, greedy=True)  # warm-up (EOS -1: never stops)
         times = []
         for _ in range(3):
@@ -155,13 +191,17 @@ def main() -> None:
                "auto_chooses": resolve_rollout_precision("auto", torch.device("cpu"), parameters),
                "torch_threads": torch.get_num_threads()}
     print(f"machine: {machine}")
+    chosen = {p: sampler_choice(model, p, len(ids)) for p in precisions if p in kernels.DTYPES}
+    for p, choice in chosen.items():  # measured (or read from the cache) for the rollout batch and 1 row
+        print(f"{p}: kernels {choice} (default {kernels.DEFAULT})")
     bare = {"float32": model}
     if "bfloat16" in precisions:
         bare["bfloat16"] = copy.deepcopy(model).to(torch.bfloat16)
 
-    def ours(precision: str) -> int:
-        r = generate(model, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                     precision=precision)
+    def ours(precision: str, choice: kernels.Choice | None = None) -> int:
+        with forced(choice):
+            r = generate(model, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                         precision=precision)
         return int(r.completion_mask.sum())
 
     def raw(precision: str) -> int:
@@ -173,6 +213,8 @@ def main() -> None:
         return int((first + (first < out.shape[1]).long()).sum())
 
     runs = [(f"ours_{p}", lambda p=p: ours(p)) for p in precisions]
+    runs += [(f"ours_{p}_default_kernels", lambda p=p: ours(p, kernels.DEFAULT)) for p, c in chosen.items()
+             if c != kernels.DEFAULT]
     runs += [(f"raw_{p}", lambda p=p: raw(p)) for p in precisions if p in bare]
     reps = 3 if args.quick and args.model != "embedded" and len(precisions) > 1 else 5 if args.quick else 15
     reps = reps if args.repetitions is None else args.repetitions  # 0: no timing, the mismatch only
@@ -185,11 +227,14 @@ def main() -> None:
             if rep:  # the first repetition is the warm-up
                 speeds[name].append(tokens / (time.perf_counter() - start))
     tps = {name: statistics.median(v) for name, v in speeds.items() if v}
-    result = {"benchmark": "rollouts", "model": cfg.model, "quick": args.quick, "repetitions": reps,
+    result = {"benchmark": "rollouts", "kernels": {p: str(c) for p, c in chosen.items()},
+              "model": cfg.model, "quick": args.quick, "repetitions": reps,
               "sequences": len(ids), "max_new_tokens": cfg.max_new_tokens, **machine,
               **{f"{name}_tokens_per_s": v for name, v in tps.items()}}
     for p in precisions if tps else []:
         line = f"{p}: ours {tps[f'ours_{p}']:.0f} tokens/s"
+        if f"ours_{p}_default_kernels" in tps:
+            line += f" (default kernels {tps[f'ours_{p}_default_kernels']:.0f})"
         if f"raw_{p}" in tps:
             result[f"ratio_{p}_to_raw_same_precision"] = tps[f"ours_{p}"] / tps[f"raw_{p}"]
             line += f", bare generate {tps[f'raw_{p}']:.0f}, ratio {result[f'ratio_{p}_to_raw_same_precision']:.3f}"
@@ -210,6 +255,16 @@ def main() -> None:
     if args.decode_bound:
         bandwidth = read_bandwidth()
         result["read_bandwidth_gb_per_s"] = bandwidth / 1e9
+        for p in chosen:  # default kernels against the chosen ones, side by side
+            one_row = sampler_choice(model, p, 1)
+            for name, c in (("default", kernels.DEFAULT), ("chosen", one_row)):
+                with forced(c):
+                    result[f"decode_step_ms_{p}_{name}_kernels"] = decode_step_ms(model, tokenizer, p)
+                result[f"lm_head_ms_{p}_{name}_kernels"] = head_ms(model, p, c.head)
+            step, head = (tuple(result[f"{k}_ms_{p}_{n}_kernels"] for n in ("default", "chosen"))
+                          for k in ("decode_step", "lm_head"))
+            print(f"{p}: one row, default kernels {kernels.DEFAULT} / chosen {one_row}: decode step "
+                  f"{step[0]:.1f} / {step[1]:.1f} ms, LM head {head[0]:.2f} / {head[1]:.2f} ms")
         for p in precisions:
             ms = decode_step_ms(model, tokenizer, p)
             floor = 1000 * weight_bytes(model, p) / bandwidth

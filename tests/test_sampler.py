@@ -3,10 +3,12 @@
 import pytest
 import torch
 
+from fgrpo import kernels
 from fgrpo.grpo import grpo_loss, local_grpo, prompt_batches, sampler_correction
+from fgrpo.kernels import Choice, FusedPart, OnednnLinear
 from fgrpo.model import add_lora, build_tiny_model, char_tokenizer
 from fgrpo.rollouts import generate, per_token_logps
-from fgrpo.sampler import resolve_rollout_precision
+from fgrpo.sampler import resolve_rollout_precision, sampler_shapes, sampler_weights
 from fgrpo.tasks import train_split
 from test_grpo import grpo_settings
 
@@ -110,3 +112,76 @@ def test_bfloat16_rollouts_record_sampler_logps_and_train_corrected():
     assert 0 < low.metrics["sampler_logp_diff_mean"] < 0.1 and "sampler_cut_fraction" in low.metrics
     full = local_grpo(model, tokenizer, opt, prompt_batches(train, 2, 0), reward, settings)
     assert not any(k.startswith("sampler_") for k in full.metrics)  # float32: nothing to correct
+
+
+def lora_model():
+    tokenizer = char_tokenizer()
+    model = add_lora(build_tiny_model(tokenizer, seed=0), r=4, alpha=8, dropout=0.0, seed=0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(3))
+    return model, tokenizer
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_every_kernel_choice_samples_what_the_default_kernels_sample(monkeypatch, precision):
+    """oneDNN-packed and fused (q/k/v, gate/up) sampler layers: the same tokens for a seed as the default
+    kernels and the same sampler log-probs within float rounding; the float32 weights untouched."""
+    model, tokenizer = lora_model()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    runs = {}
+    for choice in (kernels.DEFAULT, Choice("onednn", "onednn", True), Choice("dense", "onednn", True),
+                   Choice("onednn", "dense", False)):
+        monkeypatch.setattr(kernels, "FORCED", choice)
+        torch.manual_seed(0)
+        runs[choice] = generate(model, tokenizer, ["rev:abcdef=", "12+3="], 4, 8, temperature=0.7,
+                                precision=precision)
+    default = runs.pop(kernels.DEFAULT)
+    for choice, r in runs.items():
+        assert torch.equal(r.completion_ids, default.completion_ids), choice
+        assert torch.allclose(r.sampler_logps, default.sampler_logps, atol=1e-4), choice
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    with sampler_weights(model, precision):  # FORCED: the last choice, unfused
+        assert not any(isinstance(m, FusedPart) for m in model.modules())
+        assert sum(isinstance(m, OnednnLinear) for m in model.modules()) == 4 * 7  # 4 layers x 7 adapted
+    monkeypatch.setattr(kernels, "FORCED", Choice("onednn", "onednn", True))
+    with sampler_weights(model, precision):
+        assert sum(isinstance(m, FusedPart) for m in model.modules()) == 4 * 5  # q, k, v, gate, up
+        shared = {id(m.shared): m.shared.linear for m in model.modules() if isinstance(m, FusedPart)}
+        assert len(shared) == 4 * 2 and all(isinstance(m, OnednnLinear) for m in shared.values())  # qkv, gate/up
+        assert sum(isinstance(m, OnednnLinear) for m in model.modules()) == 4 * 2 + 1  # o, down; the head
+
+
+def test_a_fused_part_is_its_own_product_whatever_the_call_order():
+    gen = torch.Generator().manual_seed(0)
+    w = [torch.randn(o, 8, generator=gen) for o in (4, 2, 2)]
+    parts = kernels.fused_parts(w, [None] * 3, "dense", torch.float32)
+    x, y = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen)
+    for inp, i in [(x, 0), (x, 1), (y, 2), (x, 2), (x, 0), (x, 0), (y, 1)]:  # shared, another input, repeated
+        assert torch.allclose(parts[i](inp), inp @ w[i].T, atol=1e-6)
+
+
+def test_kernels_are_measured_once_per_machine_and_model_and_not_off_the_cpu(monkeypatch, tmp_path):
+    model, _ = lora_model()
+    shapes = sampler_shapes(model)
+    assert shapes.adapted == ((128, 128, 16), (128, 384, 4), (384, 128, 8))  # q k v o; down; gate up
+    assert shapes.fused == ((128, 128, 4), (128, 384, 4), (384, 128, 4), (768, 128, 4)) and len(shapes.frozen) == 1
+    calls = []
+
+    def fake_ms(kernel, dtype, out, inp, rows, count):  # oneDNN at half the default's time; fewer calls pay
+        calls.append((kernel, out, inp, rows))
+        return (0.5 if kernel == "onednn" else 1.0) * (1 + out * inp / 1e4)
+
+    monkeypatch.setattr(kernels, "call_ms", fake_ms)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    cpu = torch.device("cpu")
+    assert kernels.choose(shapes, "float32", 16, cpu, str(tmp_path)) == Choice("onednn", "onednn", True)
+    assert {r for *_, r in calls} == {1, 16} and (tmp_path / "kernels.json").exists()
+    measured = len(calls)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})  # a new process: read back from kernels.json
+    assert kernels.choose(shapes, "float32", 9, cpu, str(tmp_path)) == Choice("onednn", "onednn", True)
+    assert len(calls) == measured  # 9 rows time as 16: nothing measured again
+    kernels.choose(shapes, "bfloat16", 16, cpu, str(tmp_path))
+    assert len(calls) > measured  # another precision: measured
+    assert kernels.choose(shapes, "float32", 16, torch.device("cuda"), str(tmp_path)) == kernels.DEFAULT

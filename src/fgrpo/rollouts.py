@@ -159,7 +159,8 @@ def generate(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     prompt_ids = enc["input_ids"].repeat_interleave(num_per_prompt, dim=0).to(device)  # [N, P]
     prompt_mask = enc["attention_mask"].repeat_interleave(num_per_prompt, dim=0).to(device)
-    weights = sampler_weights(model, precision) if merge and isinstance(model, PeftModel) else nullcontext()
+    sampler = merge and isinstance(model, PeftModel)
+    weights = sampler_weights(model, precision, len(prompt_ids)) if sampler else nullcontext()
     with torch.inference_mode(), weights:
         completion_ids, sampler_logps = decode(model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id,
                                 tokenizer.pad_token_id, temperature, top_p, greedy, num_per_prompt)
@@ -173,7 +174,7 @@ def generate(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_
     keep = (completion_mask.bool() & ~is_eos)
     texts = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion_ids, keep)]
     return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, num_per_prompt,
-                    sampler_logps, precision if merge and isinstance(model, PeftModel) else "float32")
+                    sampler_logps, precision if sampler else "float32")
 
 
 def length_chunks(lengths: torch.Tensor, min_width: int = 32) -> list[tuple[torch.Tensor, int]]:

@@ -8,6 +8,9 @@ the policy in a lower precision, while the loss forward and backward stay float3
 - ``bfloat16``: every linear layer's merged weight W + s B A rounded to bfloat16 (half the bytes); inputs
   and outputs stay float32 (embeddings, norms and the residual stream are untouched).
 
+Either way the sampler's linear layers multiply in the kernels ``fgrpo.kernels`` measures fastest on this
+machine for the model's shapes (oneDNN-packed weights, q/k/v and gate/up fused, or plain ``F.linear``).
+
 The sampler then draws from a slightly different distribution than the one the loss trains, which
 biases the gradient unless corrected: ``grpo.sampler_correction`` reweights the loss by
 pi_train / pi_sampler per token or sequence, as TRL does for vLLM rollouts.
@@ -30,13 +33,15 @@ activation quantization moves the sampler far from the policy (a mean |log pi_ol
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
+from fgrpo import kernels
+from fgrpo.kernels import DEFAULT, DTYPES, Choice, DenseLinear, Shapes, counted, fuse_groups, fused_parts
 from fgrpo.model import lora_layers_replaced
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -69,21 +74,22 @@ def resolve_rollout_precision(setting: str, device: torch.device, parameters: in
     return "bfloat16" if NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags) else "float32"
 
 
-class Bfloat16Linear(torch.nn.Module):
+def bfloat16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
     """y = x W^T + b with W (and b) held in bfloat16: the product runs in bfloat16; x and y are float32."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight = weight.detach().to(torch.bfloat16)
-        self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+    return DenseLinear(weight, bias, torch.bfloat16)
 
 
-# precision -> the module a linear layer's (merged) weight becomes on the sampler: Module(weight, bias).
-# benchmarks/rollouts.py adds an int8 one (PyTorch's dynamic quantization) to measure it.
-LOW_PRECISION: dict[str, type[torch.nn.Module]] = {"bfloat16": Bfloat16Linear}
+# precision -> the module a linear layer's (merged) weight becomes on the sampler with the ``dense`` kernel:
+# make(weight, bias). benchmarks/rollouts.py adds an int8 one (PyTorch's dynamic quantization) to measure it.
+LOW_PRECISION: dict[str, Callable[[torch.Tensor, torch.Tensor | None], torch.nn.Module]] = {
+    "float32": lambda weight, bias: DenseLinear(weight, bias, torch.float32), "bfloat16": bfloat16_linear}
+
+
+def sampler_linear(kernel: str, precision: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
+    """The sampler's module of one linear layer: ``LOW_PRECISION[precision]`` or the ``kernel``'s (fgrpo.kernels)."""
+    if kernel == "dense":
+        return LOW_PRECISION[precision](weight, bias)
+    return kernels.LINEAR[kernel](weight, bias, DTYPES[precision])
 
 
 def merged_weight(layer: LoraLayer) -> torch.Tensor:
@@ -112,37 +118,88 @@ def merged_lora(model):
             m.get_base_layer().weight = weight
 
 
-_FROZEN_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plain Linear -> {precision: copy}
+_FROZEN_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plain Linear -> {(precision, kernel): copy}
 
 
-def _frozen_copy(linear: torch.nn.Linear, precision: str) -> torch.nn.Module:
-    """The low-precision copy of a layer without adapter (its weight is frozen): made once, then reused."""
+def is_adapted(module: torch.nn.Module) -> bool:
+    return isinstance(module, LoraLayer)
+
+
+def plain_linears(model) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
+    """(parent, name, layer) of each linear layer without adapter (the LM head); not those inside a LoRA layer."""
+    inside = {id(m) for layer in model.modules() if is_adapted(layer) for m in layer.modules()}
+    return [(parent, name, child) for parent in model.modules() if id(parent) not in inside
+            for name, child in parent.named_children() if type(child) is torch.nn.Linear]
+
+
+def sampler_shapes(model) -> Shapes:
+    """The shapes of the model's adapted layers (unfused and fused) and frozen ones, for ``kernels.choose``."""
+    adapted, fused = [], []
+    for parent in model.modules():
+        groups = fuse_groups(parent, is_adapted)
+        fused += [(sum(getattr(parent, n).out_features for n in names), getattr(parent, names[0]).in_features)
+                  for names in groups]
+        grouped = {n for names in groups for n in names}
+        for name, child in parent.named_children():
+            if is_adapted(child):
+                adapted.append((child.out_features, child.in_features))
+                fused += [] if name in grouped else [(child.out_features, child.in_features)]
+    frozen = [(child.out_features, child.in_features) for _, _, child in plain_linears(model)]
+    return Shapes(counted(adapted), counted(fused), counted(frozen))
+
+
+def sampler_choice(model, precision: str, rows: int = 1) -> Choice:
+    """The kernels the sampler of ``model`` uses at ``precision`` for batches of ``rows`` (``kernels.choose``)."""
+    return kernels.choose(sampler_shapes(model), precision, rows, next(model.parameters()).device)
+
+
+def _frozen_copy(linear: torch.nn.Linear, precision: str, kernel: str) -> torch.nn.Module:
+    """The sampler's copy of a layer without adapter (its weight is frozen): made once, then reused."""
     copies = _FROZEN_COPIES.setdefault(linear, {})
-    if precision not in copies:
-        copies[precision] = LOW_PRECISION[precision](linear.weight, linear.bias)
-    return copies[precision]
+    if (precision, kernel) not in copies:
+        copies[precision, kernel] = sampler_linear(kernel, precision, linear.weight, linear.bias)
+    return copies[precision, kernel]
+
+
+def adapted_modules(model, precision: str, choice: Choice) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, name, module) for every LoRA layer: its merged weight W + s B A as ``choice.kernel`` at
+    ``precision``; with ``choice.fused``, the ``FUSE_GROUPS`` as ``FusedPart`` modules of one product."""
+    swaps = []
+    with torch.no_grad():
+        for parent in list(model.modules()):
+            grouped = set()
+            for names in fuse_groups(parent, is_adapted) if choice.fused else []:
+                layers = [getattr(parent, n) for n in names]
+                parts = fused_parts([merged_weight(m) for m in layers], [m.get_base_layer().bias for m in layers],
+                                    choice.kernel, DTYPES[precision])
+                swaps += [(parent, n, part) for n, part in zip(names, parts)]
+                grouped |= set(names)
+            swaps += [(parent, name, sampler_linear(choice.kernel, precision, merged_weight(child),
+                                                    child.get_base_layer().bias))
+                      for name, child in parent.named_children() if is_adapted(child) and name not in grouped]
+    return swaps
 
 
 @contextmanager
-def sampler_weights(model, precision: str):
-    """Run inside on the sampler: ``merged_lora`` for float32; otherwise with every linear layer replaced by
-    a ``LOW_PRECISION[precision]`` module of its merged weight W + s B A (LoRA layers, made afresh: the adapter changes
-    every step) or of its frozen weight (other linear layers such as the LM head, made once). The original
-    modules are put back afterwards; the float32 weights are never modified."""
-    if precision == "float32":
+def sampler_weights(model, precision: str, rows: int = 1):
+    """Run inside on the sampler: every linear layer replaced by its ``precision`` copy in the kernels
+    ``sampler_choice`` picks for batches of ``rows``: the merged weight W + s B A of each LoRA layer (made
+    afresh: the adapter changes every step; ``adapted_modules``) and the frozen weight of the others (the
+    LM head: made once). float32 with the ``DEFAULT`` kernels is ``merged_lora``. The original modules are
+    put back afterwards; the float32 weights are never modified."""
+    choice = sampler_choice(model, precision, rows) if precision in DTYPES else DEFAULT
+    if precision == "float32" and choice == DEFAULT:
         with merged_lora(model):
             yield
         return
-    with torch.no_grad():
-        low = {id(m): LOW_PRECISION[precision](merged_weight(m), m.get_base_layer().bias)
-               for m in model.modules() if isinstance(m, LoraLayer)}
-    plain = [(parent, name, child) for parent in model.modules() if not isinstance(parent, LoraLayer)
-             for name, child in parent.named_children() if type(child) is torch.nn.Linear]  # the LM head
-    for parent, name, child in plain:
-        setattr(parent, name, _frozen_copy(child, precision))
+    swaps = adapted_modules(model, precision, choice)
+    swaps += [(parent, name, _frozen_copy(child, precision, choice.head))
+              for parent, name, child in plain_linears(model)]
+    originals = [(parent, name, getattr(parent, name)) for parent, name, _ in swaps]
+    for parent, name, module in swaps:
+        setattr(parent, name, module)
     try:
-        with lora_layers_replaced(model, lambda m: low[id(m)]):
-            yield
+        yield
     finally:
-        for parent, name, child in plain:
-            setattr(parent, name, child)
+        for parent, name, module in originals:
+            setattr(parent, name, module)
