@@ -2,9 +2,9 @@
 
 The same config runs up to four ways, one after the other on this machine: ``fgrpo run`` (in-process),
 ``flwr run`` on a simulation SuperLink, ``scripts/local-deployment.sh`` (a SuperLink and one SuperNode per
-client as separate processes), and the same with each owner's resident process. A round's wall time is the difference between the
-``clock_seconds`` of consecutive evaluation rows (training, aggregation and evaluation). Round 1
-includes each ClientApp loading its model, so the steady-state figure is the median over rounds
+client as separate processes), and the same with each owner's resident process. A round's wall time is
+the difference between the ``clock_seconds`` of consecutive evaluation rows (training, aggregation and
+evaluation). Round 1 includes each ClientApp loading its model, so the steady-state figure is the median over rounds
 2..R; both are printed. Target: steady-state ratio <= 1.25.
 
     python benchmarks/flower_overhead.py            # full: 2 clients, 6 rounds, embedded default

@@ -149,7 +149,11 @@ def sampler_shapes(model) -> Shapes:
 
 
 def sampler_choice(model, precision: str, rows: int = 1) -> Choice:
-    """The kernels the sampler of ``model`` uses at ``precision`` for batches of ``rows`` (``kernels.choose``)."""
+    """The kernels the sampler of ``model`` uses at ``precision`` for batches of ``rows`` (``kernels.choose``);
+    models under ``SMALL_MODEL`` parameters keep ``DEFAULT`` (their decode costs operator calls, not bytes,
+    and their runs stay as they were to the bit), unless ``kernels.FORCED`` says otherwise."""
+    if kernels.FORCED is None and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
+        return DEFAULT
     return kernels.choose(sampler_shapes(model), precision, rows, next(model.parameters()).device)
 
 
