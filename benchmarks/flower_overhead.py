@@ -5,7 +5,8 @@ The same config runs up to four ways, one after the other on this machine: ``fgr
 client as separate processes), and the same with each owner's resident process. A round's wall time is
 the difference between the ``clock_seconds`` of consecutive evaluation rows (training, aggregation and
 evaluation). Round 1 includes each ClientApp loading its model, so the steady-state figure is the median over rounds
-2..R; both are printed. Target: steady-state ratio <= 1.25.
+2..R; both are printed. Targets: the simulation <= 1.25; the deployment with resident processes <= 1.2
+on SmolLM2 and <= 2 on the embedded default.
 
     python benchmarks/flower_overhead.py            # full: 2 clients, 6 rounds, embedded default
     python benchmarks/flower_overhead.py --quick    # 2 clients, 3 rounds, fewer local steps

@@ -148,13 +148,22 @@ def sampler_shapes(model) -> Shapes:
     return Shapes(counted(adapted), counted(fused), counted(frozen))
 
 
+_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(precision, rows timed): Choice}
+
+
 def sampler_choice(model, precision: str, rows: int = 1) -> Choice:
     """The kernels the sampler of ``model`` uses at ``precision`` for batches of ``rows`` (``kernels.choose``);
     models under ``SMALL_MODEL`` parameters keep ``DEFAULT`` (their decode costs operator calls, not bytes,
     and their runs stay as they were to the bit), unless ``kernels.FORCED`` says otherwise."""
-    if kernels.FORCED is None and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
-        return DEFAULT
-    return kernels.choose(sampler_shapes(model), precision, rows, next(model.parameters()).device)
+    if kernels.FORCED is not None:
+        return kernels.FORCED
+    known = _CHOICES.setdefault(model, {})  # every generate call asks: scan the model once per setting
+    key = (precision, kernels.batch_rows(rows))
+    if key not in known:
+        small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
+        known[key] = DEFAULT if small else kernels.choose(sampler_shapes(model), precision, rows,
+                                                          next(model.parameters()).device)
+    return known[key]
 
 
 def _frozen_copy(linear: torch.nn.Linear, precision: str, kernel: str) -> torch.nn.Module:
