@@ -3,11 +3,14 @@
 import pytest
 import torch
 
-from fgrpo import tasks
+from fgrpo import kernels, sampler, tasks
 from fgrpo.config import RunConfig
+from fgrpo.decode_step import supported
 from fgrpo.grpo import GRPOSettings, group_advantages, grpo_loss, local_grpo, prompt_batches
+from fgrpo.kernels import Choice
 from fgrpo.model import add_lora, build_tiny_model, char_tokenizer
-from fgrpo.rollouts import Rollouts, generate, kl_to_reference, length_chunks, per_token_logps
+from fgrpo.rollouts import Rollouts, decode, generate, kl_to_reference, length_chunks, per_token_logps
+from fgrpo.sampler import sampler_weights
 
 
 def grpo_settings(local_steps: int, **overrides) -> GRPOSettings:
@@ -196,6 +199,39 @@ def test_decode_draws_what_generate_draws_with_fewer_rows(temperature, top_p):
     lengths = ours.completion_mask.sum(1)
     assert lengths.min() < lengths.max()  # rows finished at different steps ...
     assert sum(rows_run[1:]) < 12 * (n - 1)  # ... and left the batch: fewer rows ran than generate runs
+
+
+@pytest.mark.parametrize("forced", [None, Choice("onednn", "onednn", True)])
+def test_the_lean_decode_step_draws_what_transformers_forward_draws(monkeypatch, forced):
+    """``DecodeStep`` (a KV cache allocated once, left padding, rows leaving at EOS, fused sampler layers)
+    gives the tokens and sampler log-probs of transformers' forward; above ``SMALL_MODEL`` it is the default,
+    and transformers' forward runs only the prefill and the first step."""
+    if forced is not None and not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    tokenizer = char_tokenizer()
+    model = add_lora(build_tiny_model(tokenizer, seed=2), r=4, alpha=8, dropout=0.0, seed=0)  # EOS ~1 in 100
+    monkeypatch.setattr(kernels, "FORCED", forced)
+    assert supported(model)
+    enc = tokenizer(["rev:abcdef=", "12+3=", "x"], return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"].repeat_interleave(4, 0), enc["attention_mask"].repeat_interleave(4, 0)
+    runs = {}
+    with torch.inference_mode(), sampler_weights(model, "float32", len(ids)):
+        for lean in (False, True):
+            torch.manual_seed(0)
+            runs[lean] = decode(model, ids, mask, 40, tokenizer.eos_token_id, tokenizer.pad_token_id, 0.7, 0.9,
+                                group_size=4, lean=lean)
+    (plain, plain_logps), (lean, lean_logps) = runs[False], runs[True]
+    assert torch.equal(plain, lean)
+    assert torch.allclose(plain_logps, lean_logps, atol=1e-4)
+    finished = (lean == tokenizer.eos_token_id).any(1)
+    assert 0 < finished.sum() < len(lean)  # some rows left the batch before the end
+    calls = []
+    hook = model.get_base_model().register_forward_pre_hook(lambda *_: calls.append(1))
+    monkeypatch.setattr(sampler, "SMALL_MODEL", 0)
+    torch.manual_seed(0)
+    r = generate(model, tokenizer, ["rev:abcdef=", "12+3=", "x"], 4, 40, 0.7, 0.9)
+    hook.remove()
+    assert torch.equal(r.completion_ids, lean) and len(calls) == 2  # the prefill and the first step
 
 
 def test_shared_prefill_generates_the_same_tokens(tiny_lora):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from fgrpo.decode_step import DecodeStep, lean_by_default
 from fgrpo.model import lora_layers_replaced
 from fgrpo.sampler import sampler_weights
 from fgrpo.tasks import Example
@@ -105,36 +106,41 @@ def draw(scores: torch.Tensor, greedy: bool, n: int, rows: torch.Tensor) -> torc
 
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
            pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-           group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+           group_size: int = 1, lean: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token sampling with the KV cache, [N, P] left-padded prompts -> [N, C] completions
     (right-padded with ``pad_token_id`` after each row's EOS; C <= ``max_new_tokens``) and, unless
     ``greedy``, each drawn token's log-prob under the sampler at ``temperature`` (before top-p: the
     distribution the loss computes), [N, C] (0 after EOS).
-
-    What ``model.generate`` does for multinomial sampling (or greedy), with two savings:
-    - rows of a group share one prefill of the prompt's first P-1 tokens (``prompt_forward``);
-    - a row that has written EOS leaves the batch and the KV cache (``batch_select_indices``), so
-      each step runs only the unfinished rows instead of all N to the longest one.
-    Each step draws the random numbers ``torch.multinomial`` draws for the full [N, vocabulary]
-    probabilities (q ~ Exp(1), token = argmax p / q; rows that have left use none of theirs), so a
-    seed gives the same tokens as ``generate`` would, up to float rounding of the smaller batch."""
+    What ``model.generate`` does for multinomial sampling (or greedy), with two savings: rows of a group
+    share one prefill of the prompt's first P-1 tokens (``prompt_forward``), and a row that has written EOS
+    leaves the batch and the KV cache, so each step runs only the unfinished rows. Each step draws the
+    random numbers ``torch.multinomial`` draws for the full [N, vocabulary] probabilities (q ~ Exp(1),
+    token = argmax p / q; rows that have left use none of theirs), so a seed gives the same tokens as
+    ``generate`` would, up to float rounding of the smaller batch.
+    With ``lean`` (default: ``decode_step.lean_by_default``), the steps after the first run
+    ``decode_step.DecodeStep``: the same layers over a KV cache allocated once."""
     n = prompt_ids.shape[0]
+    lean = lean_by_default(model) if lean is None else lean
     cache, step_ids, step_positions = shared_prefill(model, prompt_ids, prompt_mask, group_size)
     warpers = LogitsProcessorList(([] if greedy or temperature == 1.0 else [TemperatureLogitsWarper(temperature)])
                                   + ([] if greedy or top_p >= 1.0 else [TopPLogitsWarper(top_p)]))
     out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=prompt_ids.device)
     logps = None if greedy else torch.zeros((n, max_new_tokens), device=prompt_ids.device)
     rows = torch.arange(n, device=prompt_ids.device)  # the unfinished rows, in cache order
-    mask = prompt_mask
-    length = 0
+    mask, length, lean_step = prompt_mask, 0, None
     for t in range(max_new_tokens):
-        step = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, cache=cache,
-                     use_cache=True, logits_to_keep=1)
-        cache = step.cache
-        tokens = draw(warpers(None, step.logits[:, -1].float()), greedy, n, rows)  # [rows still running]
+        if lean_step is None:
+            step = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, cache=cache,
+                         use_cache=True, logits_to_keep=1)
+            cache, scores = step.cache, step.logits[:, -1].float()
+            if lean:  # from here on, the lean step over its own copy of this cache
+                lean_step, cache = DecodeStep(model, cache, mask, max_new_tokens - t - 1), None
+        else:
+            scores = lean_step(step_ids[:, 0], step_positions[:, 0]).float()
+        tokens = draw(warpers(None, scores), greedy, n, rows)  # [rows still running]
         out[rows, t] = tokens
         if logps is not None:  # log softmax(z / T)[token]: one gather, no second pass over the vocabulary
-            logits = step.logits[:, -1].float() / temperature
+            logits = scores / temperature
             logps[rows, t] = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
         length = t + 1
         running = tokens != eos_token_id
@@ -142,11 +148,11 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
             break
         if not running.all():
             keep = running.nonzero().flatten()
-            cache.batch_select_indices(keep)
+            lean_step.select(keep) if lean_step is not None else cache.batch_select_indices(keep)
             rows, tokens, mask, step_positions = rows[keep], tokens[keep], mask[keep], step_positions[keep]
         step_ids = tokens[:, None]
         step_positions = step_positions[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        mask = mask if lean_step is not None else torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     return out[:, :length], None if logps is None else logps[:, :length]
 
 
