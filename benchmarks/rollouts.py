@@ -24,8 +24,11 @@ token, the mean sequence_mask weight and the share of sequences it masks (cap 3)
 The CPU model and whether it has native bfloat16 (avx512_bf16 / amx_bf16), what ``auto`` chooses
 for this model, and the sampler's kernels ``fgrpo.kernels`` chose for each precision (measured once per
 machine, or read from its cache) are printed first. Where the choice is not the default kernels, ours is
-also timed on the default kernels (``ours_<precision>_default_kernels``); with --decode-bound, the one-row
-decode step and the LM head are timed on the default kernels and on the chosen ones, side by side.
+also timed on the default kernels (``ours_<precision>_default_kernels``), and where decoding uses the lean
+step (``fgrpo.decode_step``), on transformers' forward for every step (``ours_<precision>_transformers_step``);
+with --decode-bound, the one-row decode step and the LM head are timed on the default kernels and on the
+chosen ones, and the chosen ones on transformers' step, side by side. One row:
+``--group-size 1 --prompts 1 --tasks chain_sum:max_terms=2,max_digits=1``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig
 
-from fgrpo import kernels, tasks
+from fgrpo import decode_step, kernels, tasks
 from fgrpo.config import RunConfig
 from fgrpo.grpo import sampler_correction
 from fgrpo.model import add_lora, load_base, resolve_prompt_style
@@ -113,13 +116,14 @@ def weight_bytes(model, precision: str) -> int:
 
 
 @contextmanager
-def forced(choice: kernels.Choice | None):
-    """Run inside with the sampler's kernels set to ``choice`` (None: the measured choice)."""
-    kernels.FORCED = choice
+def forced(choice: kernels.Choice | None, lean: bool | None = None):
+    """Run inside with the sampler's kernels set to ``choice`` (None: the measured choice) and the lean decode
+    step used or not (``decode_step.FORCED``; None: its default)."""
+    kernels.FORCED, decode_step.FORCED = choice, lean
     try:
         yield
     finally:
-        kernels.FORCED = None
+        kernels.FORCED, decode_step.FORCED = None, None
 
 
 @torch.inference_mode()
@@ -158,6 +162,8 @@ def main() -> None:
                         "chat model)")
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--prompts", type=int, default=16, help="prompts per task (default: 16)")
+    parser.add_argument("--group-size", type=int, help="completions per prompt (default: the run default, 8); "
+                        "1 row: --group-size 1 --prompts 1 and one task")
     parser.add_argument("--precisions", default="float32", help="rollout precisions to measure, comma-separated "
                         "(float32, bfloat16, int8; default: float32)")
     parser.add_argument("--repetitions", type=int, help="timed repetitions (default: 5 with --quick, 3 for "
@@ -169,6 +175,7 @@ def main() -> None:
     arithmetic = ("basic_arithmetic:max_terms=2,min_digits=1,max_digits=1,allow_negation=False,"
                   "allow_parentheses=False,chain_sum:max_terms=2,max_digits=1")
     cfg = RunConfig(model=args.model, **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}),
+                    **({"group_size": args.group_size} if args.group_size else {}),
                     tasks=args.tasks or (arithmetic if args.model != "embedded" else RunConfig().tasks))
     base, tokenizer = load_base(cfg.model, torch.device("cpu"), cfg.warm_start_steps, cfg.cache_dir)
     model = add_lora(base, cfg.lora_r, cfg.lora_alpha, 0.0, seed=0)
@@ -198,8 +205,8 @@ def main() -> None:
     if "bfloat16" in precisions:
         bare["bfloat16"] = copy.deepcopy(model).to(torch.bfloat16)
 
-    def ours(precision: str, choice: kernels.Choice | None = None) -> int:
-        with forced(choice):
+    def ours(precision: str, choice: kernels.Choice | None = None, lean: bool | None = None) -> int:
+        with forced(choice, lean):
             r = generate(model, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                          precision=precision)
         return int(r.completion_mask.sum())
@@ -215,6 +222,8 @@ def main() -> None:
     runs = [(f"ours_{p}", lambda p=p: ours(p)) for p in precisions]
     runs += [(f"ours_{p}_default_kernels", lambda p=p: ours(p, kernels.DEFAULT)) for p, c in chosen.items()
              if c != kernels.DEFAULT]
+    if decode_step.lean_by_default(model):  # and on transformers' forward for every step
+        runs += [(f"ours_{p}_transformers_step", lambda p=p: ours(p, lean=False)) for p in precisions]
     runs += [(f"raw_{p}", lambda p=p: raw(p)) for p in precisions if p in bare]
     reps = 3 if args.quick and args.model != "embedded" and len(precisions) > 1 else 5 if args.quick else 15
     reps = reps if args.repetitions is None else args.repetitions  # 0: no timing, the mismatch only
@@ -235,6 +244,8 @@ def main() -> None:
         line = f"{p}: ours {tps[f'ours_{p}']:.0f} tokens/s"
         if f"ours_{p}_default_kernels" in tps:
             line += f" (default kernels {tps[f'ours_{p}_default_kernels']:.0f})"
+        if f"ours_{p}_transformers_step" in tps:
+            line += f" (transformers' step {tps[f'ours_{p}_transformers_step']:.0f})"
         if f"raw_{p}" in tps:
             result[f"ratio_{p}_to_raw_same_precision"] = tps[f"ours_{p}"] / tps[f"raw_{p}"]
             line += f", bare generate {tps[f'raw_{p}']:.0f}, ratio {result[f'ratio_{p}_to_raw_same_precision']:.3f}"
@@ -263,8 +274,12 @@ def main() -> None:
                 result[f"lm_head_ms_{p}_{name}_kernels"] = head_ms(model, p, c.head)
             step, head = (tuple(result[f"{k}_ms_{p}_{n}_kernels"] for n in ("default", "chosen"))
                           for k in ("decode_step", "lm_head"))
+            with forced(one_row, lean=False):
+                result[f"decode_step_ms_{p}_transformers_step"] = decode_step_ms(model, tokenizer, p)
+            plain = result[f"decode_step_ms_{p}_transformers_step"]
             print(f"{p}: one row, default kernels {kernels.DEFAULT} / chosen {one_row}: decode step "
-                  f"{step[0]:.1f} / {step[1]:.1f} ms, LM head {head[0]:.2f} / {head[1]:.2f} ms")
+                  f"{step[0]:.1f} / {step[1]:.1f} ms (chosen on transformers' step: {plain:.1f} ms), "
+                  f"LM head {head[0]:.2f} / {head[1]:.2f} ms")
         for p in precisions:
             ms = decode_step_ms(model, tokenizer, p)
             floor = 1000 * weight_bytes(model, p) / bandwidth

@@ -128,8 +128,8 @@ def test_shared_prompt_forward_equals_full_forward_values_and_gradients(tiny_lor
 def test_length_chunks_by_hand():
     lengths = torch.tensor([256, 19, 43, 5, 108, 32, 33, 64, 65])
     chunks = [(rows.tolist(), width) for rows, width in length_chunks(lengths)]
-    # classes: <= 32 | 33..64 | 65..128 | 129..256; widths: each class's longest
-    assert chunks == [([0], 256), ([4, 8], 108), ([2, 6, 7], 64), ([1, 3, 5], 32)]
+    # classes: <= 16 | 17..32 | 33..64 | 65..128 | 129..256; widths: each class's longest
+    assert chunks == [([0], 256), ([4, 8], 108), ([2, 6, 7], 64), ([1, 5], 32), ([3], 5)]
     assert [(r.tolist(), w) for r, w in length_chunks(torch.tensor([10, 3, 7]))] == [([0, 1, 2], 10)]
 
 
@@ -141,7 +141,7 @@ def test_chunked_forward_equals_full_forward_values_and_gradients(tiny_lora):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(4))
     enc = tokenizer(["rev:abcdef=", "x"], return_tensors="pt", padding=True)
-    lengths = [40, 3, 20, 10, 36, 1]  # two prompts x G = 3; chunks {40, 36} and {3, 20, 10, 1}
+    lengths = [40, 3, 20, 10, 36, 1]  # two prompts x G = 3; chunks {40, 36}, {20} and {3, 10, 1}
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(4, len(tokenizer), (6, 40), generator=gen)
     mask = (torch.arange(40)[None, :] < torch.tensor(lengths)[:, None]).long()
@@ -150,7 +150,7 @@ def test_chunked_forward_equals_full_forward_values_and_gradients(tiny_lora):
         ids[row, n:] = tokenizer.pad_token_id
     r = Rollouts(enc["input_ids"].repeat_interleave(3, 0), enc["attention_mask"].repeat_interleave(3, 0),
                  ids, mask, [""] * 6, group_size=3)
-    assert len(length_chunks(mask.sum(1))) == 2
+    assert len(length_chunks(mask.sum(1))) == 3
     params = [p for p in model.parameters() if p.requires_grad]
     advantages = torch.randn(6, generator=gen)
     results = []

@@ -29,6 +29,7 @@ from peft import PeftModel
 from fgrpo import sampler
 from fgrpo.kernels import FusedPart
 
+FORCED: bool | None = None  # benchmarks: use (True) or skip (False) the lean step whatever the model
 LAYERS = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer"})  # q/k/v/o + gate/up/down SiLU, RMSNorm, RoPE
 
 
@@ -53,7 +54,10 @@ def supported(model) -> bool:
 
 def lean_by_default(model) -> bool:
     """Whether ``rollouts.decode`` steps by ``DecodeStep`` unless told: for a ``supported`` model of at least
-    ``SMALL_MODEL`` parameters (smaller ones, the embedded default among them, keep their runs to the bit)."""
+    ``SMALL_MODEL`` parameters (smaller ones, the embedded default among them, keep their runs to the bit),
+    unless ``FORCED`` says otherwise."""
+    if FORCED is not None:
+        return FORCED
     return supported(model) and sum(p.numel() for p in model.parameters()) >= sampler.SMALL_MODEL
 
 

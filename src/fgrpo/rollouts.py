@@ -183,7 +183,7 @@ def generate(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_
                     sampler_logps, precision if sampler else "float32")
 
 
-def length_chunks(lengths: torch.Tensor, min_width: int = 32) -> list[tuple[torch.Tensor, int]]:
+def length_chunks(lengths: torch.Tensor, min_width: int = 16) -> list[tuple[torch.Tensor, int]]:
     """Rows grouped by completion length (tokens up to and including EOS) into power-of-two classes
     (up to ``min_width``, up to 2 * ``min_width``, ...): (row indices, the class's longest length) per
     class, longest first. A row is padded to at most twice its length (or ``min_width``) instead of to
@@ -194,6 +194,19 @@ def length_chunks(lengths: torch.Tensor, min_width: int = 32) -> list[tuple[torc
         rows = torch.tensor([i for i, k in enumerate(classes) if k == c], device=lengths.device)
         chunks.append((rows, int(lengths[rows].max())))
     return chunks
+
+
+def token_terms(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: bool,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(z / T)[o_t] at each position, [n, w], from logits z [n, w, V] and tokens o [n, w]; with
+    ``entropy``, H_t = -sum_v pi(v) log pi(v) there (no gradient). T = 1 divides nothing (the same values)."""
+    z = logits.float()
+    logp_all = F.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)  # [n, w, V]
+    logp = torch.gather(logp_all, 2, tokens[..., None])[..., 0]
+    if not entropy:
+        return logp, None
+    with torch.no_grad():
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
 def per_token_logps_and_entropy(model, rollouts: Rollouts, temperature: float = 1.0, entropy: bool = True,
@@ -218,18 +231,17 @@ def per_token_logps_and_entropy(model, rollouts: Rollouts, temperature: float = 
     for rows, width in chunks:
         spread = None if len(chunks) == 1 else rows  # one chunk: all rows in order
         cache = rows_cache(model, prompt.cache, spread, g)
-        logits = prompt_rows(prompt.logits[:, -1:], spread, g)  # [n, 1, V]: predicts o_1
+        tokens = rollouts.completion_ids[rows, :width]
+        first = prompt_rows(prompt.logits[:, -1:], spread, g)  # [n, 1, V]: predicts o_1
+        terms = [token_terms(first, tokens[:, :1], temperature, entropy)]
         if width > 1:  # o_1 .. o_{w-1} predict o_2 .. o_w
             rest = model(input_ids=rollouts.completion_ids[rows, :width - 1],
                          attention_mask=attention_mask[rows, :p + width - 1],
                          position_ids=position_ids[rows, p:p + width - 1], cache=cache).logits  # [n, w-1, V]
-            logits = torch.cat([logits, rest], dim=1)
-        logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # [n, w, V]
-        tokens = rollouts.completion_ids[rows, :width]
-        logps.append(F.pad(torch.gather(logp_all, 2, tokens[..., None])[..., 0], (0, c - width)))
+            terms.append(token_terms(rest, tokens[:, 1:], temperature, entropy))
+        logps.append(F.pad(torch.cat([logp for logp, _ in terms], dim=1), (0, c - width)))
         if entropy:
-            with torch.no_grad():
-                entropies.append(F.pad(-(logp_all.exp() * logp_all).sum(-1), (0, c - width)))  # [n, C]
+            entropies.append(F.pad(torch.cat([h for _, h in terms], dim=1), (0, c - width)))  # [n, C]
     order = torch.cat([rows for rows, _ in chunks]).argsort()  # back to row order
     token_entropy = torch.cat(entropies)[order] if entropy else None
     return torch.cat(logps)[order], token_entropy
