@@ -5,10 +5,10 @@ import torch
 
 from fgrpo import kernels
 from fgrpo.grpo import grpo_loss, local_grpo, prompt_batches, sampler_correction
-from fgrpo.kernels import Choice, FusedPart, OnednnLinear
+from fgrpo.kernels import Choice, FrozenOnednnLinear, FusedPart, OnednnLinear
 from fgrpo.model import add_lora, build_tiny_model, char_tokenizer
 from fgrpo.rollouts import generate, per_token_logps
-from fgrpo.sampler import resolve_rollout_precision, sampler_shapes, sampler_weights
+from fgrpo.sampler import loss_kernels, resolve_rollout_precision, sampler_shapes, sampler_weights
 from fgrpo.tasks import train_split
 from test_grpo import grpo_settings
 
@@ -185,3 +185,47 @@ def test_kernels_are_measured_once_per_machine_and_model_and_not_off_the_cpu(mon
     kernels.choose(shapes, "bfloat16", 16, cpu, str(tmp_path))
     assert len(calls) > measured  # another precision: measured
     assert kernels.choose(shapes, "float32", 16, torch.device("cuda"), str(tmp_path)) == kernels.DEFAULT
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+def test_the_loss_forward_on_packed_frozen_layers_keeps_values_and_gradients(monkeypatch):
+    """The frozen layers packed for oneDNN in training (``loss_kernels``): the log-probs and LoRA gradients of
+    the plain layers, gradients reaching the first layer through every packed one; the model put back after."""
+    model, tokenizer = lora_model()
+    torch.manual_seed(0)
+    r = generate(model, tokenizer, ["rev:abcdef=", "12+3="], 4, 8, temperature=0.7)
+    params = [p for p in model.parameters() if p.requires_grad]
+    runs = {}
+    for kernel in ("dense", "onednn"):
+        monkeypatch.setattr(kernels, "FORCED_FROZEN", kernel)
+        model.train()
+        with loss_kernels(model):
+            packed = sum(isinstance(m, FrozenOnednnLinear) for m in model.modules())
+            logps = per_token_logps(model, r, 0.7)
+            (logps * r.completion_mask).sum().backward()
+        runs[kernel] = packed, logps.detach(), [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+    assert runs["dense"][0] == 0 and runs["onednn"][0] == 4 * 7 + 1  # 4 layers x 7 adapted; the LM head
+    assert not any(isinstance(m, FrozenOnednnLinear) for m in model.modules())
+    assert torch.allclose(runs["dense"][1], runs["onednn"][1], atol=1e-5)
+    for a, b in zip(runs["dense"][2], runs["onednn"][2]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    first_layer = [g for (n, _), g in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad),
+                                         runs["onednn"][2]) if "layers.0." in n and "lora_A" in n]
+    assert first_layer and all(g.abs().sum() > 0 for g in first_layer)
+
+
+def test_the_frozen_layers_kernel_is_measured_once_and_not_off_the_cpu(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_ms(kernel, out, inp, count):  # oneDNN a third faster
+        calls.append(kernel)
+        return (2.0 if kernel == "onednn" else 3.0) * out * inp / 1e4
+
+    monkeypatch.setattr(kernels, "train_ms", fake_ms)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    shapes, cpu = ((128, 128, 16), (384, 128, 8)), torch.device("cpu")
+    assert kernels.choose_frozen(shapes, cpu, str(tmp_path)) == "onednn" and len(calls) == 4
+    monkeypatch.setattr(kernels, "_CHOSEN", {})  # a new process: read back from kernels.json
+    assert kernels.choose_frozen(shapes, cpu, str(tmp_path)) == "onednn" and len(calls) == 4
+    assert kernels.choose_frozen(shapes, torch.device("cuda"), str(tmp_path)) == "dense"

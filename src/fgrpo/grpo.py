@@ -22,12 +22,11 @@ aggregated over completion tokens by ``loss_type``:
     dapo    : sum over all tokens / number of tokens           (one process, one batch)
     dr_grpo : sum over all tokens / (B * G * max_new_tokens)
 
-How this differs from textbook GRPO: mu = 1 by default, so pi_old is the detached current policy
-and no separate old-log-prob forward is run (the ratio is 1 and only its gradient matters); beta
-= 0 by default, so no reference forward is run. Log-probs (``fgrpo.rollouts.per_token_logps``) are
-taken on logits / temperature (the sampling distribution), with position ids computed from the
-attention mask, as ``generate`` does for left-padded prompts. All of this matches TRL's
-GRPOTrainer loss (tests/test_trl_parity.py).
+How this differs from textbook GRPO: mu = 1 by default, so pi_old is the detached current policy and no
+separate old-log-prob forward is run (the ratio is 1 and only its gradient matters); beta = 0 by default, so
+no reference forward is run. Log-probs (``fgrpo.rollouts.per_token_logps``) are taken on logits / temperature
+(the sampling distribution), with position ids computed from the attention mask, as ``generate`` does for
+left-padded prompts. All of this matches TRL's GRPOTrainer loss (tests/test_trl_parity.py).
 
 Rollouts in a lower precision (``rollout_precision = bfloat16``, ``fgrpo.sampler``) are drawn from pi_sampler, not
 pi_old: ``rollout_weights`` reweights the surrogate as TRL corrects vLLM rollouts; in float32 nothing is reweighted.
@@ -53,6 +52,7 @@ from fgrpo.rollouts import (
     prompt_texts,
     select_groups,
 )
+from fgrpo.sampler import loss_kernels
 from fgrpo.tasks import Example
 
 
@@ -338,23 +338,24 @@ def policy_update(model, optimizer: torch.optim.Optimizer, params: list[torch.Te
                   rollouts: Rollouts, advantages: torch.Tensor, cfg: GRPOSettings) -> StepUpdate:
     """The mu inner iterations on one step's rollouts: theta <- AdamW(theta, grad L), L the clipped surrogate
     (``grpo_loss``, reweighted by ``rollout_weights``) plus the FedProx term, gradients clipped to max_grad_norm."""
-    old_logps, ref_logps = old_and_ref_logps(model, rollouts, cfg)  # without dropout: the model is in eval mode
-    model.train()
-    weights, sampler_stats = None, {}
-    for iteration in range(cfg.mu):
-        logps, entropy = per_token_logps_and_entropy(model, rollouts, cfg.temperature)
-        if iteration == 0:
-            pi_old = logps.detach() if old_logps is None else old_logps  # the policy the rollouts train from
-            weights, sampler_stats = rollout_weights(pi_old, rollouts, cfg)
-        loss, metrics = grpo_loss(logps, old_logps, ref_logps, advantages, rollouts.completion_mask, cfg.loss_type,
-                                  cfg.beta, cfg.epsilon_low, cfg.epsilon_high, cfg.max_new_tokens,
-                                  cfg.kl_bias_correction, weights)
-        metrics.update(sampler_stats)
-        proximal(loss, params, anchor, cfg.proximal_mu, metrics).backward()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                     if cfg.max_grad_norm > 0 else torch.tensor(0.0))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    with loss_kernels(model):  # the frozen layers in the kernels fastest at training shapes (fgrpo.sampler)
+        old_logps, ref_logps = old_and_ref_logps(model, rollouts, cfg)  # without dropout: the model is in eval mode
+        model.train()
+        weights, sampler_stats = None, {}
+        for iteration in range(cfg.mu):
+            logps, entropy = per_token_logps_and_entropy(model, rollouts, cfg.temperature)
+            if iteration == 0:
+                pi_old = logps.detach() if old_logps is None else old_logps  # the policy the rollouts train from
+                weights, sampler_stats = rollout_weights(pi_old, rollouts, cfg)
+            loss, metrics = grpo_loss(logps, old_logps, ref_logps, advantages, rollouts.completion_mask,
+                                      cfg.loss_type, cfg.beta, cfg.epsilon_low, cfg.epsilon_high, cfg.max_new_tokens,
+                                      cfg.kl_bias_correction, weights)
+            metrics.update(sampler_stats)
+            proximal(loss, params, anchor, cfg.proximal_mu, metrics).backward()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                         if cfg.max_grad_norm > 0 else torch.tensor(0.0))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     return StepUpdate(loss.item(), float(grad_norm), metrics, entropy, pi_old, ref_logps)
 
 

@@ -217,6 +217,33 @@ def measurable(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.mkldnn.is_available()
 
 
+def remembered(spec: dict, measure_choice: Callable[[], tuple[dict, dict[str, float]]], what: str,
+               cache_dir: str = "") -> dict:
+    """The choice recorded for ``spec`` in ``kernels.json`` of the fgrpo cache folder, or the one
+    ``measure_choice()`` returns ((choice, ms per candidate), then recorded); logged either way."""
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    path = cache_root(cache_dir) / "kernels.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        choice = known[key]["choice"]
+        log.info("%s: %s (measured before, %s)", what, choice, path)
+    else:
+        choice, times = measure_choice()
+        log.info("%s: %s (ms by candidate: %s)", what, choice, {k: round(v, 2) for k, v in times.items()})
+        known[key] = {"choice": choice, "times_ms": times, **spec}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{id(known)}")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(path)  # atomic: a concurrent writer's entry may be lost, never a file half-written
+    _CHOSEN[key] = choice
+    return choice
+
+
 def choose(shapes: Shapes, precision: str, rows: int, device: torch.device, cache_dir: str = "") -> Choice:
     """``FORCED`` if set; else the measured choice for these shapes on this machine (``measure``, once per
     machine, torch version, threads, precision and shapes: remembered in ``kernels.json``)."""
@@ -227,25 +254,80 @@ def choose(shapes: Shapes, precision: str, rows: int, device: torch.device, cach
     timed = batch_rows(rows)
     spec = dict(cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(), precision=precision,
                 rows=timed, shapes=asdict(shapes))
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    if key in _CHOSEN:
-        return _CHOSEN[key]
-    path = cache_root(cache_dir) / "kernels.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        choice = Choice(**known[key]["choice"])
-        log.info("rollout kernels for %s at rows %s: %s (measured before, %s)", precision, timed, choice, path)
-    else:
+
+    def measured() -> tuple[dict, dict[str, float]]:
         choice, times = measure(shapes, precision, timed)
-        log.info("rollout kernels for %s at rows %s: %s (ms per step by candidate: %s)", precision, timed, choice,
-                 {k: round(v, 2) for k, v in times.items()})
-        known[key] = {"choice": asdict(choice), "times_ms": times, **spec}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{id(known)}")
-        tmp.write_text(json.dumps(known, indent=1))
-        tmp.replace(path)  # atomic: a concurrent writer's entry may be lost, never a file half-written
-    _CHOSEN[key] = choice
-    return choice
+        return asdict(choice), times
+
+    return Choice(**remembered(spec, measured, f"rollout kernels for {precision} at rows {timed}", cache_dir))
+
+
+# The loss forward's frozen layers (the base weights under each LoRA layer, the LM head): the same product
+# x W^T at training shapes (a step's few hundred token positions), with its input gradient g W.
+
+TRAIN_ROWS = 256  # token positions timed: about a SmolLM2 step's (4 prompts, 16 completions of ~35 tokens)
+FORCED_FROZEN: str | None = None  # tests and benchmarks: this kernel for the frozen layers in training
+
+
+class FrozenProduct(torch.autograd.Function):
+    """y = x W^T by oneDNN on W packed once, and dL/dx = g W by oneDNN on W^T packed once (W gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, packed_t, bias):
+        ctx.packed_t = packed_t
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = torch.ops.mkldnn._linear_pointwise(grad.contiguous(), ctx.packed_t, None, "none", [], "")
+        return grad_x, None, None, None
+
+
+class FrozenOnednnLinear(torch.nn.Module):
+    """A frozen float32 linear layer for the loss forward: ``FrozenProduct`` (exact gradients for its input)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, TRAIN_ROWS)
+        self.packed_t = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), TRAIN_ROWS)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FrozenProduct.apply(x, self.packed, self.packed_t, self.bias)
+
+
+def train_ms(kernel: str, out: int, inp: int, count: int, reps: int = 3) -> float:
+    """Milliseconds of y = x W^T and g W at ``TRAIN_ROWS`` rows by ``kernel`` (median of ``reps``, per copy)."""
+    copies = max(1, min(count, 4, math.ceil(WORKING_SET / (out * inp * 4))))
+    gen = torch.Generator().manual_seed(0)
+    layers = [torch.nn.Linear(inp, out, bias=False) for _ in range(copies)]
+    for layer in layers:
+        layer.weight.requires_grad_(False)
+    layers = [FrozenOnednnLinear(m) for m in layers] if kernel == "onednn" else layers
+    x = torch.randn(TRAIN_ROWS, inp, generator=gen, requires_grad=True)
+    times = []
+    for _ in range(reps + 1):  # the first pass warms up
+        start = time.perf_counter()
+        for layer in layers:
+            layer(x).sum().backward()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[1:]) / copies
+
+
+def choose_frozen(shapes: tuple[tuple[int, int, int], ...], device: torch.device, cache_dir: str = "") -> str:
+    """``FORCED_FROZEN`` if set; else ``dense`` or ``onednn`` for the loss forward's frozen layers of these
+    (out, in, count) shapes, whichever ``train_ms`` finds faster summed over the layers (remembered)."""
+    if FORCED_FROZEN is not None:
+        return FORCED_FROZEN
+    if not measurable(device):
+        return "dense"
+    spec = dict(cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(), purpose="train",
+                rows=TRAIN_ROWS, shapes=shapes)
+
+    def measured() -> tuple[dict, dict[str, float]]:
+        times = {k: sum(c * train_ms(k, o, i, c) for o, i, c in shapes) for k in KERNELS}
+        return {"kernel": min(times, key=times.get)}, times
+
+    return remembered(spec, measured, "frozen-layer kernel of the loss forward", cache_dir)["kernel"]

@@ -216,3 +216,38 @@ def sampler_weights(model, precision: str, rows: int = 1):
     finally:
         for parent, name, module in originals:
             setattr(parent, name, module)
+
+
+_FROZEN_TRAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # frozen Linear -> its packed copy
+_TRAIN_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> kernel of its frozen layers
+
+
+def frozen_layers(model) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
+    """(parent, name, layer) of every frozen linear layer: each LoRA layer's base layer and the plain ones."""
+    return [(m, "base_layer", m.base_layer) for m in model.modules()
+            if is_adapted(m) and type(m.base_layer) is torch.nn.Linear] + plain_linears(model)
+
+
+@contextmanager
+def loss_kernels(model):
+    """Run the loss forward and backward inside: every frozen linear layer as the kernel
+    ``kernels.choose_frozen`` measures faster at training shapes (oneDNN-packed W and W^T, made once, or
+    as it is). Models under ``SMALL_MODEL`` parameters keep their layers, unless ``kernels.FORCED_FROZEN``."""
+    if kernels.FORCED_FROZEN is None and model not in _TRAIN_CHOICES:
+        small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
+        shapes = counted([(m.out_features, m.in_features) for _, _, m in frozen_layers(model)])
+        _TRAIN_CHOICES[model] = "dense" if small else kernels.choose_frozen(shapes, next(model.parameters()).device)
+    if (kernels.FORCED_FROZEN or _TRAIN_CHOICES[model]) == "dense":
+        yield
+        return
+    swaps = frozen_layers(model)
+    for parent, name, layer in swaps:
+        if layer not in _FROZEN_TRAIN:
+            _FROZEN_TRAIN[layer] = kernels.FrozenOnednnLinear(layer)
+        setattr(parent, name, _FROZEN_TRAIN[layer])
+    try:
+        yield
+    finally:
+        for parent, name, layer in swaps:
+            setattr(parent, name, layer)
+
