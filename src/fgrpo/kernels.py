@@ -15,6 +15,10 @@ thread, torch's default float32 product (MKL) reads SmolLM2's LM head (49152 x 5
 to overflow the caches, as a decode step does) at 1 row and at the rollout batch, and keeps the fastest
 sum; the choice is cached in ``kernels.json`` of the fgrpo cache folder, keyed by CPU model, torch version,
 threads, precision and shapes. Off the CPU, or where torch has no oneDNN, the choice is ``DEFAULT``.
+
+The loss forward's frozen layers (the base weight under each LoRA layer, the LM head) get their own choice
+(``choose_frozen``): ``dense`` or ``FrozenOnednnLinear`` (W and W^T packed once; the forward and the input
+gradient by oneDNN, exact up to float rounding), timed forward and backward at ``TRAIN_ROWS`` token positions.
 """
 
 from __future__ import annotations

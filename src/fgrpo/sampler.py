@@ -10,6 +10,7 @@ the policy in a lower precision, while the loss forward and backward stay float3
 
 Either way the sampler's linear layers multiply in the kernels ``fgrpo.kernels`` measures fastest on this
 machine for the model's shapes (oneDNN-packed weights, q/k/v and gate/up fused, or plain ``F.linear``).
+The loss forward's frozen layers likewise (``loss_kernels``: packed once, with exact input gradients).
 
 The sampler then draws from a slightly different distribution than the one the loss trains, which
 biases the gradient unless corrected: ``grpo.sampler_correction`` reweights the loss by
