@@ -104,7 +104,10 @@ for k in $(seq 0 $((N - 1))); do
     if [ "${FGRPO_RESIDENT:-0}" = 1 ]; then
         NODE_CONFIG="$NODE_CONFIG owner-socket=\"$WORK/owner-$k.sock\""
     fi
-    OMP_NUM_THREADS=$THREADS setsid flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$LINK_PORT" --port "$(free_port)" \
+    # each SuperNode its own FLWR_HOME: two installing the same FAB into one folder race (one loads a
+    # half-extracted app: "Cannot find pyproject.toml"), and that SuperNode's ClientApp fails the round
+    mkdir -p "$WORK/flwr-home-node-$k"
+    FLWR_HOME="$WORK/flwr-home-node-$k" OMP_NUM_THREADS=$THREADS setsid flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$LINK_PORT" --port "$(free_port)" \
         --node-config "$NODE_CONFIG" > "$WORK/supernode-$k.log" 2>&1 &
     PIDS+=($!)
     echo "$!" >> "$WORK/pids"
