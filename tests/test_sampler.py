@@ -156,7 +156,7 @@ def test_every_kernel_choice_samples_what_the_default_kernels_sample(monkeypatch
 def test_a_fused_part_is_its_own_product_whatever_the_call_order():
     gen = torch.Generator().manual_seed(0)
     w = [torch.randn(o, 8, generator=gen) for o in (4, 2, 2)]
-    parts = kernels.fused_parts(w, [None] * 3, "dense", torch.float32)
+    parts = kernels.fused_parts(torch.cat(w), [None] * 3, [4, 2, 2], "dense", torch.float32)
     x, y = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen)
     for inp, i in [(x, 0), (x, 1), (y, 2), (x, 2), (x, 0), (x, 0), (y, 1)]:  # shared, another input, repeated
         assert torch.allclose(parts[i](inp), inp @ w[i].T, atol=1e-6)

@@ -123,12 +123,13 @@ class FusedPart(torch.nn.Module):
         return self.shared.part(x, self.i)
 
 
-def fused_parts(weights: list[torch.Tensor], biases: list[torch.Tensor | None], kernel: str,
+def fused_parts(weight: torch.Tensor, biases: list[torch.Tensor | None], sizes: list[int], kernel: str,
                 dtype: torch.dtype) -> list[FusedPart]:
-    """The ``FusedPart`` modules of one group of sibling layers (weights [out_i, in], the same in)."""
+    """The ``FusedPart`` modules of one group of sibling layers: ``weight`` [sum out_i, in] their weights
+    stacked, ``sizes`` the out_i."""
     bias = None if biases[0] is None else torch.cat(biases)
-    shared = FusedOutputs(LINEAR[kernel](torch.cat(weights), bias, dtype), [w.shape[0] for w in weights])
-    return [FusedPart(shared, i) for i in range(len(weights))]
+    shared = FusedOutputs(LINEAR[kernel](weight, bias, dtype), sizes)
+    return [FusedPart(shared, i) for i in range(len(sizes))]
 
 
 def fuse_groups(parent: torch.nn.Module, is_layer: Callable[[torch.nn.Module], bool]) -> list[tuple[str, ...]]:

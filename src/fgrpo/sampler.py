@@ -99,6 +99,19 @@ def merged_weight(layer: LoraLayer) -> torch.Tensor:
     return layer.get_base_layer().weight + delta
 
 
+def merged_into(out: torch.Tensor, layer: LoraLayer) -> torch.Tensor:
+    """``out`` <- W + s * B A of a LoRA layer: one ``addmm`` (a single pass over W) for a plain adapter, else
+    ``merged_weight`` copied in. Equal to ``merged_weight`` up to float rounding."""
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    plain = (len(active) == 1 and not layer.use_dora.get(active[0], False) and not layer.fan_in_fan_out
+             and layer.lora_A[active[0]].weight.dtype == layer.get_base_layer().weight.dtype == torch.float32)
+    if not plain:
+        return out.copy_(merged_weight(layer))
+    a = active[0]
+    return torch.addmm(layer.get_base_layer().weight, layer.lora_B[a].weight, layer.lora_A[a].weight,
+                       alpha=layer.scaling[a], out=out)
+
+
 @contextmanager
 def merged_lora(model):
     """Run inside with each LoRA layer's weight replaced by W + s * B A and the adapter branch gone
@@ -175,22 +188,43 @@ def _frozen_copy(linear: torch.nn.Linear, precision: str, kernel: str) -> torch.
     return copies[precision, kernel]
 
 
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {fused: [(parent, names), ...]}
+
+
+def adapted_layout(model, fused: bool) -> list[tuple[torch.nn.Module, tuple[str, ...]]]:
+    """(parent, names) of the LoRA layers: a ``FUSE_GROUPS`` group (with ``fused``) or one layer per entry.
+    Scanned once per model (every ``generate`` call asks; the layers never change)."""
+    known = _LAYOUTS.setdefault(model, {})
+    if fused not in known:
+        layout = []
+        for parent in model.modules():
+            groups = fuse_groups(parent, is_adapted) if fused else []
+            grouped = {n for names in groups for n in names}
+            layout += [(parent, names) for names in groups]
+            layout += [(parent, (name,)) for name, child in parent.named_children()
+                       if is_adapted(child) and name not in grouped]
+        known[fused] = layout
+    return known[fused]
+
+
 def adapted_modules(model, precision: str, choice: Choice) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
     """(parent, name, module) for every LoRA layer: its merged weight W + s B A as ``choice.kernel`` at
     ``precision``; with ``choice.fused``, the ``FUSE_GROUPS`` as ``FusedPart`` modules of one product."""
     swaps = []
     with torch.no_grad():
-        for parent in list(model.modules()):
-            grouped = set()
-            for names in fuse_groups(parent, is_adapted) if choice.fused else []:
-                layers = [getattr(parent, n) for n in names]
-                parts = fused_parts([merged_weight(m) for m in layers], [m.get_base_layer().bias for m in layers],
-                                    choice.kernel, DTYPES[precision])
-                swaps += [(parent, n, part) for n, part in zip(names, parts)]
-                grouped |= set(names)
-            swaps += [(parent, name, sampler_linear(choice.kernel, precision, merged_weight(child),
-                                                    child.get_base_layer().bias))
-                      for name, child in parent.named_children() if is_adapted(child) and name not in grouped]
+        for parent, names in adapted_layout(model, choice.fused):
+            layers = [getattr(parent, n) for n in names]
+            bases = [m.get_base_layer() for m in layers]
+            if len(names) == 1:
+                merged = merged_into(torch.empty_like(bases[0].weight), layers[0])
+                swaps.append((parent, names[0], sampler_linear(choice.kernel, precision, merged, bases[0].bias)))
+                continue
+            sizes = [m.out_features for m in layers]
+            stacked = torch.empty(sum(sizes), layers[0].in_features)  # [W_1 + s B_1 A_1; ...] written in place
+            for m, rows in zip(layers, stacked.split(sizes)):
+                merged_into(rows, m)
+            parts = fused_parts(stacked, [m.bias for m in bases], sizes, choice.kernel, DTYPES[precision])
+            swaps += [(parent, n, part) for n, part in zip(names, parts)]
     return swaps
 
 
