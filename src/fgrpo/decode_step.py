@@ -17,7 +17,7 @@ step on a 2-core CPU. ``DecodeStep`` runs the same layers with none of that:
 The layers are the model's own modules (the sampler's fused, packed or merged copies inside
 ``fgrpo.sampler.sampler_weights``, or LoRA layers as they are), the cos/sin table is the model's own
 rotary embedding evaluated once for every position, so the values are transformers' up to float rounding
-(tests/test_rollouts.py). The prefill stays transformers' forward; its cache is copied in once.
+(tests/test_grpo.py). The prefill stays transformers' forward; its cache is copied in once.
 """
 
 from __future__ import annotations
