@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 import warnings
@@ -82,13 +81,6 @@ class Int8DynamicLinear(torch.nn.Module):
 
 
 LOW_PRECISION.setdefault("int8", Int8DynamicLinear)
-
-
-def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -194,7 +186,7 @@ def main() -> None:
     precisions = args.precisions.split(",")
     flags = cpu_flags()
     parameters = sum(p.numel() for p in base.parameters())
-    machine = {"cpu": cpu_model(), "native_bf16_flags": sorted(NATIVE_BF16_FLAGS & flags),
+    machine = {"cpu": kernels.cpu_name(), "native_bf16_flags": sorted(NATIVE_BF16_FLAGS & flags),
                "auto_chooses": resolve_rollout_precision("auto", torch.device("cpu"), parameters),
                "torch_threads": torch.get_num_threads()}
     print(f"machine: {machine}")

@@ -271,7 +271,7 @@ def choose(shapes: Shapes, precision: str, rows: int, device: torch.device, cach
 # x W^T at training shapes (a step's few hundred token positions), with its input gradient g W.
 
 TRAIN_ROWS = 256  # token positions timed: about a SmolLM2 step's (4 prompts, 16 completions of ~35 tokens)
-FORCED_FROZEN: str | None = None  # tests and benchmarks: this kernel for the frozen layers in training
+FORCED_FROZEN: str | None = None  # tests, benchmarks: this kernel for the frozen layers in training, not the measured
 
 
 class FrozenProduct(torch.autograd.Function):
@@ -322,10 +322,8 @@ def train_ms(kernel: str, out: int, inp: int, count: int, reps: int = 3) -> floa
 
 
 def choose_frozen(shapes: tuple[tuple[int, int, int], ...], device: torch.device, cache_dir: str = "") -> str:
-    """``FORCED_FROZEN`` if set; else ``dense`` or ``onednn`` for the loss forward's frozen layers of these
-    (out, in, count) shapes, whichever ``train_ms`` finds faster summed over the layers (remembered)."""
-    if FORCED_FROZEN is not None:
-        return FORCED_FROZEN
+    """``dense`` or ``onednn`` for the loss forward's frozen layers of these (out, in, count) shapes, whichever
+    ``train_ms`` finds faster summed over the layers (remembered; ``FORCED_FROZEN`` overrides it where used)."""
     if not measurable(device):
         return "dense"
     spec = dict(cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(), purpose="train",

@@ -75,15 +75,11 @@ def resolve_rollout_precision(setting: str, device: torch.device, parameters: in
     return "bfloat16" if NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags) else "float32"
 
 
-def bfloat16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
-    """y = x W^T + b with W (and b) held in bfloat16: the product runs in bfloat16; x and y are float32."""
-    return DenseLinear(weight, bias, torch.bfloat16)
-
-
 # precision -> the module a linear layer's (merged) weight becomes on the sampler with the ``dense`` kernel:
-# make(weight, bias). benchmarks/rollouts.py adds an int8 one (PyTorch's dynamic quantization) to measure it.
+# make(weight, bias): ``DenseLinear`` in that dtype (bfloat16: the product runs in bfloat16, x and y stay
+# float32). benchmarks/rollouts.py adds an int8 one (PyTorch's dynamic quantization) to measure it.
 LOW_PRECISION: dict[str, Callable[[torch.Tensor, torch.Tensor | None], torch.nn.Module]] = {
-    "float32": lambda weight, bias: DenseLinear(weight, bias, torch.float32), "bfloat16": bfloat16_linear}
+    p: (lambda weight, bias, dtype=dtype: DenseLinear(weight, bias, dtype)) for p, dtype in DTYPES.items()}
 
 
 def sampler_linear(kernel: str, precision: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
@@ -188,7 +184,8 @@ def _frozen_copy(linear: torch.nn.Linear, precision: str, kernel: str) -> torch.
     return copies[precision, kernel]
 
 
-_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {fused: [(parent, names), ...]}
+# model -> {fused: [(parent, names), ...] (adapted_layout), "plain": plain_linears(model)}: scanned once
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def adapted_layout(model, fused: bool) -> list[tuple[torch.nn.Module, tuple[str, ...]]]:
@@ -241,8 +238,10 @@ def sampler_weights(model, precision: str, rows: int = 1):
             yield
         return
     swaps = adapted_modules(model, precision, choice)
-    swaps += [(parent, name, _frozen_copy(child, precision, choice.head))
-              for parent, name, child in plain_linears(model)]
+    known = _LAYOUTS.setdefault(model, {})
+    if "plain" not in known:
+        known["plain"] = plain_linears(model)
+    swaps += [(parent, name, _frozen_copy(child, precision, choice.head)) for parent, name, child in known["plain"]]
     originals = [(parent, name, getattr(parent, name)) for parent, name, _ in swaps]
     for parent, name, module in swaps:
         setattr(parent, name, module)
@@ -254,7 +253,7 @@ def sampler_weights(model, precision: str, rows: int = 1):
 
 
 _FROZEN_TRAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # frozen Linear -> its packed copy
-_TRAIN_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> kernel of its frozen layers
+_TRAIN_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (kernel, frozen_layers)
 
 
 def frozen_layers(model) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
@@ -268,14 +267,16 @@ def loss_kernels(model):
     """Run the loss forward and backward inside: every frozen linear layer as the kernel
     ``kernels.choose_frozen`` measures faster at training shapes (oneDNN-packed W and W^T, made once, or
     as it is). Models under ``SMALL_MODEL`` parameters keep their layers, unless ``kernels.FORCED_FROZEN``."""
-    if kernels.FORCED_FROZEN is None and model not in _TRAIN_CHOICES:
+    if model not in _TRAIN_CHOICES:  # every local step asks: scan the model once
+        layers = frozen_layers(model)
         small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
-        shapes = counted([(m.out_features, m.in_features) for _, _, m in frozen_layers(model)])
-        _TRAIN_CHOICES[model] = "dense" if small else kernels.choose_frozen(shapes, next(model.parameters()).device)
-    if (kernels.FORCED_FROZEN or _TRAIN_CHOICES[model]) == "dense":
+        shapes = counted([(m.out_features, m.in_features) for _, _, m in layers])
+        kernel = "dense" if small else kernels.choose_frozen(shapes, next(model.parameters()).device)
+        _TRAIN_CHOICES[model] = kernel, layers
+    kernel, swaps = _TRAIN_CHOICES[model]
+    if (kernels.FORCED_FROZEN or kernel) == "dense":
         yield
         return
-    swaps = frozen_layers(model)
     for parent, name, layer in swaps:
         if layer not in _FROZEN_TRAIN:
             _FROZEN_TRAIN[layer] = kernels.FrozenOnednnLinear(layer)
