@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from fgrpo import kernels, sampler, tasks
 from fgrpo.config import RunConfig
@@ -201,13 +202,15 @@ def test_decode_draws_what_generate_draws_with_fewer_rows(temperature, top_p):
     assert sum(rows_run[1:]) < 12 * (n - 1)  # ... and left the batch: fewer rows ran than generate runs
 
 
-@pytest.mark.parametrize("forced", [None, Choice("onednn", "onednn", True)])
+@pytest.mark.parametrize("forced", [None, Choice("onednn", "onednn", True), Choice("skinny", "skinny", True),
+                                    Choice("skinny", "dense", False)])
 def test_the_lean_decode_step_draws_what_transformers_forward_draws(monkeypatch, forced):
-    """``DecodeStep`` (a KV cache allocated once, left padding, rows leaving at EOS, fused sampler layers)
-    gives the tokens and sampler log-probs of transformers' forward; above ``SMALL_MODEL`` it is the default,
-    and transformers' forward runs only the prefill and the first step."""
-    if forced is not None and not torch.backends.mkldnn.is_available():
-        pytest.skip("torch without oneDNN")
+    """``DecodeStep`` (a KV cache allocated once, left padding, rows leaving at EOS, fused or separate sampler
+    layers) gives the tokens and sampler log-probs of transformers' forward; above ``SMALL_MODEL`` it is the
+    default, and transformers' forward runs only the prefill and the first step."""
+    offered = kernels.candidates(torch.float32) if torch.backends.mkldnn.is_available() else ("dense",)
+    if forced is not None and not {forced.kernel, forced.head} <= set(offered):
+        pytest.skip(f"not offered here: {forced} (offered: {offered})")
     tokenizer = char_tokenizer()
     model = add_lora(build_tiny_model(tokenizer, seed=2), r=4, alpha=8, dropout=0.0, seed=0)  # EOS ~1 in 100
     monkeypatch.setattr(kernels, "FORCED", forced)
@@ -227,11 +230,33 @@ def test_the_lean_decode_step_draws_what_transformers_forward_draws(monkeypatch,
     assert 0 < finished.sum() < len(lean)  # some rows left the batch before the end
     calls = []
     hook = model.get_base_model().register_forward_pre_hook(lambda *_: calls.append(1))
-    monkeypatch.setattr(sampler, "SMALL_MODEL", 0)
+    # at exactly SMALL_MODEL parameters the model is not small, even when the sampler's kernel modules (whose
+    # weights are not parameters) stand in for its layers
+    monkeypatch.setattr(sampler, "SMALL_MODEL", sum(p.numel() for p in model.parameters()))
     torch.manual_seed(0)
     r = generate(model, tokenizer, ["rev:abcdef=", "12+3=", "x"], 4, 40, 0.7, 0.9)
     hook.remove()
     assert torch.equal(r.completion_ids, lean) and len(calls) == 2  # the prefill and the first step
+
+
+def test_the_lean_decode_step_groups_query_heads_as_transformers_does():
+    """GQA (4 query heads on 2 key/value heads, as SmolLM2's 9 on 3): the lean step's sampled tokens and
+    log-probs are transformers' forward's."""
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config).eval()
+    enc = tokenizer(["rev:abcdef=", "x"], return_tensors="pt", padding=True)
+    runs = []
+    with torch.inference_mode():
+        for lean in (False, True):
+            torch.manual_seed(0)
+            runs.append(decode(model, enc["input_ids"], enc["attention_mask"], 12, -1, tokenizer.pad_token_id,
+                               lean=lean))
+    assert runs[0][0].shape == (2, 12) and torch.equal(runs[0][0], runs[1][0])
+    assert torch.allclose(runs[0][1], runs[1][1], atol=1e-4)
 
 
 def test_shared_prefill_generates_the_same_tokens(tiny_lora):

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fgrpo import kernels
+from fgrpo import kernels, skinny
 from fgrpo.grpo import grpo_loss, local_grpo, prompt_batches, sampler_correction
-from fgrpo.kernels import Choice, FrozenOnednnLinear, FusedPart, OnednnLinear
+from fgrpo.kernels import DTYPES, Choice, FrozenOnednnLinear, FusedPart, OnednnLinear
 from fgrpo.model import add_lora, build_tiny_model, char_tokenizer
 from fgrpo.rollouts import generate, per_token_logps
 from fgrpo.sampler import loss_kernels, resolve_rollout_precision, sampler_shapes, sampler_weights
@@ -131,8 +132,11 @@ def test_every_kernel_choice_samples_what_the_default_kernels_sample(monkeypatch
     model, tokenizer = lora_model()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     runs = {}
-    for choice in (kernels.DEFAULT, Choice("onednn", "onednn", True), Choice("dense", "onednn", True),
-                   Choice("onednn", "dense", False)):
+    offered = kernels.candidates(DTYPES[precision])
+    choices = [c for c in (kernels.DEFAULT, Choice("onednn", "onednn", True), Choice("dense", "onednn", True),
+                           Choice("skinny", "skinny", True), Choice("skinny", "onednn", False),
+                           Choice("onednn", "dense", False)) if {c.kernel, c.head} <= set(offered)]
+    for choice in choices:
         monkeypatch.setattr(kernels, "FORCED", choice)
         torch.manual_seed(0)
         runs[choice] = generate(model, tokenizer, ["rev:abcdef=", "12+3="], 4, 8, temperature=0.7,
@@ -142,6 +146,8 @@ def test_every_kernel_choice_samples_what_the_default_kernels_sample(monkeypatch
         assert torch.equal(r.completion_ids, default.completion_ids), choice
         assert torch.allclose(r.sampler_logps, default.sampler_logps, atol=1e-4), choice
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    if "onednn" not in offered:
+        pytest.skip(f"oneDNN does not run {precision} here: only the default kernels were compared")
     with sampler_weights(model, precision):  # FORCED: the last choice, unfused
         assert not any(isinstance(m, FusedPart) for m in model.modules())
         assert sum(isinstance(m, OnednnLinear) for m in model.modules()) == 4 * 7  # 4 layers x 7 adapted
@@ -151,6 +157,26 @@ def test_every_kernel_choice_samples_what_the_default_kernels_sample(monkeypatch
         shared = {id(m.shared): m.shared.linear for m in model.modules() if isinstance(m, FusedPart)}
         assert len(shared) == 4 * 2 and all(isinstance(m, OnednnLinear) for m in shared.values())  # qkv, gate/up
         assert sum(isinstance(m, OnednnLinear) for m in model.modules()) == 4 * 2 + 1  # o, down; the head
+
+
+def test_the_skinny_kernel_is_the_plain_product_and_absent_where_it_cannot_be_built(monkeypatch):
+    """``SkinnyLinear`` (fgrpo.skinny): x W^T + b for 1 to 12 rows (its loop up to 8, ``F.linear`` past it), a
+    strided x, an odd width; where the extension is not there, no kernel choice offers it."""
+    if not skinny.available(torch.float32):
+        pytest.skip(f"the skinny kernel cannot be built here: {skinny.problem()}")
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(100, 37, generator=gen), torch.randn(100, generator=gen)
+    layer = skinny.SkinnyLinear(weight, bias, torch.float32)
+    for rows in (1, 2, 3, 4, 5, 8, 9, 12):
+        x = torch.randn(rows, 1, 37, generator=gen)
+        assert torch.allclose(layer(x), F.linear(x, weight, bias), atol=1e-5), rows
+    x = torch.randn(3, 74, generator=gen)[:, ::2]
+    assert torch.allclose(skinny.SkinnyLinear(weight, None, torch.float32)(x), x @ weight.T, atol=1e-5)
+    assert "skinny" not in kernels.candidates(torch.bfloat16)
+    monkeypatch.setattr(skinny, "_BUILT", {"error": "no compiler"})
+    assert "skinny" not in kernels.candidates(torch.float32) and skinny.problem() == "no compiler"
+    with pytest.raises(ValueError, match="no compiler"):
+        skinny.SkinnyLinear(weight, bias, torch.float32)
 
 
 def test_a_fused_part_is_its_own_product_whatever_the_call_order():

@@ -58,18 +58,17 @@ def lean_by_default(model) -> bool:
     unless ``FORCED`` says otherwise."""
     if FORCED is not None:
         return FORCED
-    return supported(model) and sum(p.numel() for p in model.parameters()) >= sampler.SMALL_MODEL
+    return supported(model) and not sampler.small_model(model)
 
 
 def product(parent: torch.nn.Module, names: tuple[str, ...]):
-    """One callable x -> [x W_1^T, x W_2^T, ...] for sibling layers: the shared product of a fused group
-    (``kernels.FusedPart``), split, or each layer's own product."""
+    """One callable x -> x [W_1; W_2; ...]^T (the outputs side by side) for sibling layers: the shared product
+    of a fused group (``kernels.FusedPart``) as it is, or each layer's own product, concatenated."""
     layers = [getattr(parent, n) for n in names]
     shared = getattr(layers[0], "shared", None)
     if isinstance(layers[0], FusedPart) and all(getattr(m, "shared", None) is shared for m in layers):
-        linear, sizes = shared.linear.forward, shared.sizes
-        return lambda x: linear(x).split(sizes, dim=-1)
-    return lambda x: [m(x) for m in layers]
+        return shared.linear.forward
+    return lambda x: torch.cat([m(x) for m in layers], dim=-1)
 
 
 def rms_norm(norm: torch.nn.Module):
@@ -93,6 +92,8 @@ class DecodeStep:
                        for layer in self.body.layers]
         attn = self.body.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.q_heads = lm.config.num_attention_heads
+        self.rotated = (self.q_heads + lm.config.num_key_value_heads) * self.head_dim  # q, k: what RoPE turns
         self.norm = rms_norm(self.body.norm)
         rows, width = key_mask.shape
         self.length = width  # positions in the cache so far (the same for every row: prompts are left-padded)
@@ -108,7 +109,8 @@ class DecodeStep:
         self.key_mask[:, :width] = key_mask.bool()
         self.padded = not bool(self.key_mask.all())  # no padding: sdpa without a mask
         # cos/sin of every position a step can reach, from the model's own rotary embedding (its scaling);
-        # rot(x) sin = roll(x, D/2) * [-sin_1, sin_2]: one roll instead of two slices, a negation and a cat
+        # rot(x) sin = roll(x, D/2) * [-sin_1, sin_2]: the halves swapped (one flip) instead of two slices, a
+        # negation and a cat
         positions = torch.arange(size, device=key_mask.device)[None]  # a row's position is below P + max_new
         probe = torch.zeros(1, device=key_mask.device)  # rotary_emb reads only its device and dtype (float32)
         cos, sin = (t[0] for t in self.body.rotary_emb(probe, positions))  # [positions, D]
@@ -130,14 +132,16 @@ class DecodeStep:
         cos, sin = self.cos[positions][:, None, None], self.signed_sin[positions][:, None, None]  # [R, 1, 1, D]
         mask = self.key_mask[:, None, None, :t + 1] if self.padded else None
         for (norm1, qkv, o_proj, norm2, gate_up, down), keys, values in zip(self.layers, self.keys, self.values):
-            q, k, v = (y.view(rows, -1, d)[:, :, None] for y in qkv(norm1(x)))  # [R, heads, 1, D]
-            keys[:, :, t:t + 1] = k * cos + k.roll(d // 2, -1) * sin
-            values[:, :, t:t + 1] = v
-            q = q * cos + q.roll(d // 2, -1) * sin
+            y = qkv(norm1(x))  # [R, 1, (Hq + 2 Hk) D]: q, k, v side by side
+            qk = y[..., :self.rotated].view(rows, -1, 1, d)  # q's and k's heads, rotated together
+            qk = qk * cos + qk.view(rows, -1, 1, 2, d // 2).flip(-2).view(qk.shape) * sin  # flip: roll by D/2
+            q, k = qk[:, :self.q_heads], qk[:, self.q_heads:]
+            keys[:, :, t:t + 1] = k
+            values[:, :, t:t + 1] = y[..., self.rotated:].view(rows, -1, 1, d)
             o = F.scaled_dot_product_attention(q, keys[:, :, :t + 1], values[:, :, :t + 1], attn_mask=mask,
-                                               scale=self.scaling, enable_gqa=q.shape[1] != k.shape[1])
+                                               scale=self.scaling, enable_gqa=self.q_heads != k.shape[1])
             x = x + o_proj(o.view(rows, 1, -1))
-            gate, up = gate_up(norm2(x))
+            gate, up = gate_up(norm2(x)).chunk(2, dim=-1)
             x = x + down(F.silu(gate) * up)
         self.length = t + 1
         return self.head(self.norm(x))[:, -1]

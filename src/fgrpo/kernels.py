@@ -6,15 +6,18 @@ thread, torch's default float32 product (MKL) reads SmolLM2's LM head (49152 x 5
 10 ms, the same weight reordered for oneDNN in 7 ms, and in bfloat16 6 ms (default) against 3.4 ms
 (oneDNN). On another CPU the balance may differ, so the forms are timed, not assumed:
 
-- ``kernel``: how the adapted (LoRA) linear layers multiply: ``dense`` (``F.linear``, today's path) or
-  ``onednn`` (the weight reordered once into oneDNN's blocked layout, ``mkldnn._linear_pointwise``);
+- ``kernel``: how the adapted (LoRA) linear layers multiply: ``dense`` (``F.linear``, today's path),
+  ``onednn`` (the weight reordered once into oneDNN's blocked layout, ``mkldnn._linear_pointwise``) or,
+  in float32 where it could be built, ``skinny`` (``fgrpo.skinny``: a loop that streams each weight row
+  once, for up to 8 rows of x);
 - ``head``: the same for the frozen linear layers (the LM head), whose copies are made once;
 - ``fused``: q/k/v in one product and gate/up in one (fewer, larger matmuls: less per-call overhead).
 
 ``choose`` times each candidate on random weights of the model's own shapes (enough copies of each shape
 to overflow the caches, as a decode step does) at 1 row and at the rollout batch, and keeps the fastest
 sum; the choice is cached in ``kernels.json`` of the fgrpo cache folder, keyed by CPU model, torch version,
-threads, precision and shapes. Off the CPU, or where torch has no oneDNN, the choice is ``DEFAULT``.
+threads, precision, shapes and the kernels offered. Off the CPU, or where torch has no oneDNN, the choice
+is ``DEFAULT``.
 
 The loss forward's frozen layers (the base weight under each LoRA layer, the LM head) get their own choice
 (``choose_frozen``): ``dense`` or ``FrozenOnednnLinear`` (W and W^T packed once; the forward and the input
@@ -27,21 +30,22 @@ import hashlib
 import json
 import logging
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from fgrpo import skinny
+from fgrpo.machine import cpu_name
 from fgrpo.model import cache_root
+from fgrpo.skinny import SkinnyLinear
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("dense", "onednn")
+KERNELS = ("dense", "onednn", "skinny")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PACK_ROWS = 64  # oneDNN's layout hint: measured as good as the exact row count at 1, 16 and 64 rows
 MAX_ROWS = 64  # the batch row count timed: the rollout batch rounded up to a power of two, at most this
@@ -88,7 +92,30 @@ class OnednnLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "").to(x.dtype)
 
 
-LINEAR = {"dense": DenseLinear, "onednn": OnednnLinear}
+LINEAR = {"dense": DenseLinear, "onednn": OnednnLinear, "skinny": SkinnyLinear}
+
+
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN multiplies ``dtype`` here (its bfloat16 path needs avx512 or avx_ne_convert): one try."""
+    if dtype not in _ONEDNN_RUNS:
+        try:
+            OnednnLinear(torch.ones(8, 8), None, dtype)(torch.ones(1, 8))
+            _ONEDNN_RUNS[dtype] = True
+        except RuntimeError as exc:
+            log.info("oneDNN does not run %s here: %s", dtype, str(exc).splitlines()[0])
+            _ONEDNN_RUNS[dtype] = False
+    return _ONEDNN_RUNS[dtype]
+
+
+_ONEDNN_RUNS: dict[torch.dtype, bool] = {}
+
+
+def candidates(dtype: torch.dtype) -> tuple[str, ...]:
+    """The kernels that run ``dtype`` on this machine: ``dense`` always, ``onednn`` where torch's oneDNN runs it,
+    ``skinny`` in float32 where it could be built."""
+    runs = {"dense": True, "onednn": torch.backends.mkldnn.is_available() and onednn_runs(dtype),
+            "skinny": skinny.available(dtype)}
+    return tuple(k for k in KERNELS if runs[k])
 
 
 class FusedOutputs:
@@ -158,17 +185,6 @@ def counted(shapes: list[tuple[int, int]]) -> tuple[tuple[int, int, int], ...]:
     return tuple(sorted((o, i, shapes.count((o, i))) for o, i in set(shapes)))
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), or what ``platform`` says where there is none."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def batch_rows(rows: int) -> tuple[int, ...]:
     """The row counts timed: 1 and the batch rounded up to a power of two (at most ``MAX_ROWS``)."""
     return tuple(sorted({1, min(MAX_ROWS, 1 << max(0, rows - 1).bit_length())}))
@@ -205,15 +221,15 @@ def measure(shapes: Shapes, precision: str, rows: tuple[int, ...]) -> tuple[Choi
                     cache[kernel, o, i, r] = call_ms(kernel, dtype, o, i, r, c)
         return sum(c * cache[kernel, o, i, r] for o, i, c in layers for r in rows)
 
-    times = {}
-    for kernel in KERNELS:
+    times, offered = {}, candidates(dtype)
+    for kernel in offered:
         times[kernel] = total(kernel, shapes.adapted)
         if shapes.fused != shapes.adapted:
             times[f"{kernel}+fused"] = total(kernel, shapes.fused)
         if shapes.frozen:
             times[f"head:{kernel}"] = total(kernel, shapes.frozen)
     body = min((k for k in times if not k.startswith("head:")), key=times.get)
-    head = min(KERNELS, key=lambda k: times.get(f"head:{k}", 0.0))
+    head = min(offered, key=lambda k: times.get(f"head:{k}", 0.0))
     return Choice(body.removesuffix("+fused"), head, body.endswith("+fused")), times
 
 
@@ -258,7 +274,8 @@ def choose(shapes: Shapes, precision: str, rows: int, device: torch.device, cach
         return DEFAULT
     timed = batch_rows(rows)
     spec = dict(cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(), precision=precision,
-                rows=timed, shapes=asdict(shapes))
+                rows=timed, shapes=asdict(shapes), kernels=candidates(DTYPES[precision]),
+                skinny=skinny.build_id() if skinny.available(DTYPES[precision]) else None)
 
     def measured() -> tuple[dict, dict[str, float]]:
         choice, times = measure(shapes, precision, timed)
@@ -330,7 +347,7 @@ def choose_frozen(shapes: tuple[tuple[int, int, int], ...], device: torch.device
                 rows=TRAIN_ROWS, shapes=shapes)
 
     def measured() -> tuple[dict, dict[str, float]]:
-        times = {k: sum(c * train_ms(k, o, i, c) for o, i, c in shapes) for k in KERNELS}
+        times = {k: sum(c * train_ms(k, o, i, c) for o, i, c in shapes) for k in ("dense", "onednn")}
         return {"kernel": min(times, key=times.get)}, times
 
     return remembered(spec, measured, "frozen-layer kernel of the loss forward", cache_dir)["kernel"]

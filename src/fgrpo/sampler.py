@@ -36,30 +36,18 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from peft.tuners.lora import LoraLayer
 
 from fgrpo import kernels
 from fgrpo.kernels import DEFAULT, DTYPES, Choice, DenseLinear, Shapes, counted, fuse_groups, fused_parts
+from fgrpo.machine import cpu_flags
 from fgrpo.model import lora_layers_replaced
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 SMALL_MODEL = 50_000_000  # parameters: below this ``auto`` keeps float32
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. not Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 def resolve_rollout_precision(setting: str, device: torch.device, parameters: int,
@@ -161,6 +149,18 @@ def sampler_shapes(model) -> Shapes:
 _CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(precision, rows timed): Choice}
 
 
+_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its parameter count
+
+
+def small_model(model) -> bool:
+    """Whether ``model`` has under ``SMALL_MODEL`` parameters, counted the first time it is asked: before
+    ``sampler_weights`` swaps its layers for kernel modules, whose weights are not parameters (counted inside,
+    SmolLM2-135M has 28 M, and its decode would leave the lean step)."""
+    if model not in _PARAMETERS:
+        _PARAMETERS[model] = sum(p.numel() for p in model.parameters())
+    return _PARAMETERS[model] < SMALL_MODEL
+
+
 def sampler_choice(model, precision: str, rows: int = 1) -> Choice:
     """The kernels the sampler of ``model`` uses at ``precision`` for batches of ``rows`` (``kernels.choose``);
     models under ``SMALL_MODEL`` parameters keep ``DEFAULT`` (their decode costs operator calls, not bytes,
@@ -170,8 +170,7 @@ def sampler_choice(model, precision: str, rows: int = 1) -> Choice:
     known = _CHOICES.setdefault(model, {})  # every generate call asks: scan the model once per setting
     key = (precision, kernels.batch_rows(rows))
     if key not in known:
-        small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
-        known[key] = DEFAULT if small else kernels.choose(sampler_shapes(model), precision, rows,
+        known[key] = DEFAULT if small_model(model) else kernels.choose(sampler_shapes(model), precision, rows,
                                                           next(model.parameters()).device)
     return known[key]
 
@@ -232,6 +231,7 @@ def sampler_weights(model, precision: str, rows: int = 1):
     afresh: the adapter changes every step; ``adapted_modules``) and the frozen weight of the others (the
     LM head: made once). float32 with the ``DEFAULT`` kernels is ``merged_lora``. The original modules are
     put back afterwards; the float32 weights are never modified."""
+    small_model(model)  # its size counted before any layer is swapped (decode asks it inside)
     choice = sampler_choice(model, precision, rows) if precision in DTYPES else DEFAULT
     if precision == "float32" and choice == DEFAULT:
         with merged_lora(model):
@@ -269,7 +269,7 @@ def loss_kernels(model):
     as it is). Models under ``SMALL_MODEL`` parameters keep their layers, unless ``kernels.FORCED_FROZEN``."""
     if model not in _TRAIN_CHOICES:  # every local step asks: scan the model once
         layers = frozen_layers(model)
-        small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
+        small = small_model(model)
         shapes = counted([(m.out_features, m.in_features) for _, _, m in layers])
         kernel = "dense" if small else kernels.choose_frozen(shapes, next(model.parameters()).device)
         _TRAIN_CHOICES[model] = kernel, layers
