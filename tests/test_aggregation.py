@@ -285,6 +285,19 @@ def test_a_measured_gain_that_is_not_resolved_leaves_fedavgs_weights():
     assert out.weights == pytest.approx(expected) and out.weights[0] > out.weights[2] * 7.3  # e^(3 - 1)
 
 
+def test_a_measured_gain_leaning_down_only_lowers_a_resolved_shortfall():
+    """gain_lean = down: resolved gains above the owner's usual raise nobody (FedAvg's weights); a resolved
+    shortfall lowers that owner alone, the others keep their FedAvg ratios."""
+    settings = fgrpo_settings(gain="paired", gain_lean="down")
+    base = fedavg(STATS, {}, settings).weights
+    assert fgrpo(measured(STATS, [(0.04, 0.01), (0.0, 0.1), (0.04, 0.04), (0.0, 0.3)]), {}, settings).weights \
+        == pytest.approx(base)
+    out = fgrpo(measured(STATS, [(-0.04, 0.01), (0.0, 0.1), (0.04, 0.04), (0.0, 0.3)]), {}, settings)
+    assert out.gains == pytest.approx([-4.0, 0.0, 1.0, 0.0])
+    assert out.weights[0] == pytest.approx(base[0] * math.exp(-3) / (1 - base[0] + base[0] * math.exp(-3)))
+    assert out.weights[2] / out.weights[1] == pytest.approx(base[2] / base[1])
+
+
 def test_a_measured_gain_is_compared_with_the_owners_past_gains():
     settings = fgrpo_settings(gain="paired", baseline_momentum=0.5)
     first = fgrpo(measured(STATS[:2], [(0.1, 0.02), (0.0, 0.02)]), {}, settings)

@@ -24,6 +24,7 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 GAIN_FORMS = ("z", "ratio")
 GAIN_SPREADS = ("group", "pooled")
 GAINS = ("reward", "paired", "probe")
+GAIN_LEANS = ("both", "down")
 SCALE_REWARDS = ("group", "none")
 
 
@@ -167,6 +168,8 @@ class RunConfig:
                    "'paired' = each owner's paired before/after greedy score on validation_size prompts of its "
                    "own, with its standard error; 'probe' = the change of the server's probe accuracy that the "
                    "update makes alone (needs probes). docs/algorithm.md, section 3.")
+    gain_lean: str = _f("both", "gain = 'paired' or 'probe': 'both' = a resolved t_k moves the weight either way; "
+                        "'down' = only a resolved shortfall (t_k < 0) lowers it, nobody is raised above FedAvg's.")
     validation_size: int = _f(100, "gain = 'paired': prompts each owner holds out of its training data (never "
                               "trained on, never sent) and scores greedily before and after local training (100, "
                               "embedded model, 5 local steps: 15-20% of an owner's local time, 36% for one with 16 "
@@ -242,7 +245,8 @@ class RunConfig:
         """Keys with a fixed set of valid values, and the task names."""
         choices = {
             "scenario": SCENARIOS, "loss_type": LOSS_TYPES,
-            "gain_form": GAIN_FORMS, "gain_spread": GAIN_SPREADS, "gain": GAINS, "scale_rewards": SCALE_REWARDS,
+            "gain_form": GAIN_FORMS, "gain_spread": GAIN_SPREADS, "gain": GAINS, "gain_lean": GAIN_LEANS,
+            "scale_rewards": SCALE_REWARDS,
             "server_optimizer": SERVER_OPTIMIZERS,
             "lora_aggregation": ("fedit", "ffa"), "delta_dtype": ("float32", "bfloat16", "float16"),
             "dp": ("off", "server", "client", "local"), "local_optimizer": LOCAL_OPTIMIZERS,
