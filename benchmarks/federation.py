@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 from fgrpo.checkpoint import save_checkpoint
 from fgrpo.config_sources import build_config
 from fgrpo.flower.wire import adapter_record
+from fgrpo.machine import cpu_name
 from fgrpo.runner import InProcessRun, quiet_libraries
 
 
@@ -57,7 +57,7 @@ def main() -> None:
         "overhead_ratio_max": max(ratios), "bytes_down_per_client_round": adapter_bytes,
         "bytes_up_per_client_round": adapter_bytes, "adapter_tensors": len(fed.global_adapter),
         **{f"flower_record_bytes_{dtype}": n for dtype, n in wire_bytes.items()},
-        "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(), "machine": cpu_name(),
     }
     print(json.dumps(result))
 

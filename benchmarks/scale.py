@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -22,6 +21,7 @@ import psutil
 import torch
 
 from fgrpo.config_sources import build_config
+from fgrpo.machine import cpu_name
 from fgrpo.runner import InProcessRun, quiet_libraries
 
 
@@ -54,7 +54,7 @@ def main() -> None:
                       "setup_seconds_10_clients": setup["10 clients, 100%"],
                       "rss_mib": psutil.Process().memory_info().rss / 2**20,
                       "torch_threads": torch.get_num_threads(),
-                      "machine": platform.processor() or platform.machine()}))
+                      "machine": cpu_name()}))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ class OnednnLinear(torch.nn.Module):
 LINEAR = {"dense": DenseLinear, "onednn": OnednnLinear, "skinny": SkinnyLinear}
 
 
+_ONEDNN_RUNS: dict[torch.dtype, bool] = {}  # dtype -> whether oneDNN multiplies it here, this process
+
+
 def onednn_runs(dtype: torch.dtype) -> bool:
     """Whether oneDNN multiplies ``dtype`` here (its bfloat16 path needs avx512 or avx_ne_convert): one try."""
     if dtype not in _ONEDNN_RUNS:
@@ -105,9 +108,6 @@ def onednn_runs(dtype: torch.dtype) -> bool:
             log.info("oneDNN does not run %s here: %s", dtype, str(exc).splitlines()[0])
             _ONEDNN_RUNS[dtype] = False
     return _ONEDNN_RUNS[dtype]
-
-
-_ONEDNN_RUNS: dict[torch.dtype, bool] = {}
 
 
 def candidates(dtype: torch.dtype) -> tuple[str, ...]:
