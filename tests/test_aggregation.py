@@ -298,6 +298,23 @@ def test_a_measured_gain_leaning_down_only_lowers_a_resolved_shortfall():
     assert out.weights[2] / out.weights[1] == pytest.approx(base[2] / base[1])
 
 
+def test_a_shortfall_of_decline_lowers_only_an_owner_its_update_made_worse():
+    """gain_shortfall = decline: an improvement far below the owner's usual one is not a shortfall (t = 0);
+    a decline is lowered by the smaller of its two shortfalls; a gain above the usual one still raises."""
+    history = {c: aggregation.ClientBaseline(b, 0.0, 0.0, rounds=1)
+               for c, b in zip("abcd", (0.25, 0.0, 0.05, -0.2))}
+    stats = measured(STATS, [(0.1, 0.03), (0.0, 0.0), (-0.05, 0.02), (-0.1, 0.02)])
+    by_history = fgrpo(stats, history, fgrpo_settings(gain="paired"))
+    assert by_history.gains == pytest.approx([-5.0, 0.0, -5.0, 5.0])
+    out = fgrpo(stats, history, fgrpo_settings(gain="paired", gain_shortfall="decline"))
+    assert out.gains == pytest.approx([0.0, 0.0, -2.5, 5.0])
+    shares = [s.num_prompts / 320 for s in STATS]
+    logits = [math.log(p) + min(max(t, -3.0), 3.0) for p, t in zip(shares, out.gains)]
+    assert out.weights == pytest.approx(torch.softmax(torch.tensor(logits, dtype=torch.float64), 0).tolist())
+    assert out.weights[0] / out.weights[1] == pytest.approx(shares[0] / shares[1])  # FedAvg's ratio kept
+    assert out.client_baselines == by_history.client_baselines  # the history is the same either way
+
+
 def test_a_measured_gain_is_compared_with_the_owners_past_gains():
     settings = fgrpo_settings(gain="paired", baseline_momentum=0.5)
     first = fgrpo(measured(STATS[:2], [(0.1, 0.02), (0.0, 0.02)]), {}, settings)

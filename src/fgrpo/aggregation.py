@@ -85,12 +85,14 @@ class FGRPOSettings:
     gain_spread: str = "group"
     gain: str = "reward"  # "reward": r_end against b_k; "paired" / "probe": a measured gain d_k with its se_k
     gain_lean: str = "both"  # a measured gain: "both" ways, or only "down" (t_k < 0)
+    gain_shortfall: str = "history"  # what lowers an owner: a gain below its usual one, or only a "decline"
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> FGRPOSettings:
         return cls(gain_form=cfg.gain_form, tau=cfg.tau, baseline_momentum=cfg.baseline_momentum,
                    uniform_mix=cfg.uniform_mix, size_exponent=cfg.size_exponent, gain_floor=cfg.gain_floor,
-                   gain_spread=cfg.gain_spread, gain=cfg.gain, gain_lean=cfg.gain_lean)
+                   gain_spread=cfg.gain_spread, gain=cfg.gain, gain_lean=cfg.gain_lean,
+                   gain_shortfall=cfg.gain_shortfall)
 
 
 @dataclass
@@ -185,17 +187,23 @@ def resolved_gain_weights(stats: list[ClientStats], client_baselines: dict[str, 
                           settings: FGRPOSettings) -> RoundWeights:
     """FGRPO with a measured gain d_k (gain = paired: the owner's; probe: the server's) and its standard error:
 
-        t_k = (d_k - b_k) / max(se_k, 1 / V_k)      b_k: the owner's past gains (EMA, 0 at first)
+        t_k = (d_k - b_k) / e_k,   e_k = max(se_k, 1 / V_k)    b_k: the owner's past gains (EMA, 0 at first)
+        gain_shortfall = decline:  t_k <- max(t_k, min(d_k / e_k, 0))   (lowered only by a resolved decline)
         w_k ∝ n_k * exp(clip(t_k, -T, H) / tau)     T = T_CLIP; H = T (gain_lean = both) or 0 (down)
         b_k <- m * b_k + (1 - m) * d_k
 
     A gain that is not resolved (t_k near 0: within its standard error of the owner's usual gain) leaves
     FedAvg's weight w_k = n_k / sum n; only a resolved gain moves it. With ``down`` a resolved gain above the
     owner's usual one raises nobody: only a resolved shortfall lowers that owner's weight (the others share
-    it in proportion to n_k). The gains reported are the t_k."""
+    it in proportion to n_k). With ``decline`` an update that improved its owner (d_k >= 0) is never lowered,
+    however far below its past gains (learning slows as a task is learnt), and one that made it worse is
+    lowered by the smaller of its two shortfalls. The gains reported are the t_k."""
     states = {s.client_id: client_baselines.get(s.client_id, ClientBaseline(0.0, 0.0, 0.0)) for s in stats}
-    t = [(s.paired_gain - states[s.client_id].baseline) / max(s.paired_se, 1 / max(s.validation_size, 1))
-         for s in stats]
+    t = []
+    for s in stats:
+        resolution = max(s.paired_se, 1 / max(s.validation_size, 1))
+        t_k = (s.paired_gain - states[s.client_id].baseline) / resolution
+        t.append(max(t_k, min(s.paired_gain / resolution, 0.0)) if settings.gain_shortfall == "decline" else t_k)
     high = T_CLIP if settings.gain_lean == "both" else 0.0
     logits = torch.tensor([math.log(p) + min(max(x, -T_CLIP), high) / settings.tau
                            for x, p in zip(t, data_shares(stats))], dtype=torch.float64)

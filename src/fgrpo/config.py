@@ -25,6 +25,7 @@ GAIN_FORMS = ("z", "ratio")
 GAIN_SPREADS = ("group", "pooled")
 GAINS = ("reward", "paired", "probe")
 GAIN_LEANS = ("both", "down")
+GAIN_SHORTFALLS = ("history", "decline")
 SCALE_REWARDS = ("group", "none")
 
 
@@ -170,6 +171,8 @@ class RunConfig:
                    "update makes alone (needs probes). docs/algorithm.md, section 3.")
     gain_lean: str = _f("both", "gain = 'paired' or 'probe': 'both' = a resolved t_k moves the weight either way; "
                         "'down' = only a resolved shortfall (t_k < 0) lowers it, nobody is raised above FedAvg's.")
+    gain_shortfall: str = _f("history", "gain = 'paired' or 'probe': what lowers an owner: 'history' = a gain resolved "
+                             "below its usual one; 'decline' = only a resolved decline (d_k < 0), not a smaller gain.")
     validation_size: int = _f(100, "gain = 'paired': prompts each owner holds out of its training data (never "
                               "trained on, never sent) and scores greedily before and after local training (100, "
                               "embedded model, 5 local steps: 15-20% of an owner's local time, 36% for one with 16 "
@@ -246,8 +249,7 @@ class RunConfig:
         choices = {
             "scenario": SCENARIOS, "loss_type": LOSS_TYPES,
             "gain_form": GAIN_FORMS, "gain_spread": GAIN_SPREADS, "gain": GAINS, "gain_lean": GAIN_LEANS,
-            "scale_rewards": SCALE_REWARDS,
-            "server_optimizer": SERVER_OPTIMIZERS,
+            "gain_shortfall": GAIN_SHORTFALLS, "scale_rewards": SCALE_REWARDS, "server_optimizer": SERVER_OPTIMIZERS,
             "lora_aggregation": ("fedit", "ffa"), "delta_dtype": ("float32", "bfloat16", "float16"),
             "dp": ("off", "server", "client", "local"), "local_optimizer": LOCAL_OPTIMIZERS,
             "mixed_precision": ("auto", "bf16", "no"), "prompt_style": ("auto", "compact", "chat"),
