@@ -301,6 +301,7 @@ def test_sample_completions_stay_on_the_client_and_never_reach_a_message(tmp_pat
     assert not any(p in str(v) for p in prompts for v in sent)  # no prompt anywhere
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["centralized", "local-only"])
 def test_reference_strategies_on_the_flower_simulation_equal_in_process(tmp_path, strategy):
     """The references run on Flower as in-process: centralized trains one pooled client on one SuperNode
@@ -347,6 +348,7 @@ def test_reference_strategies_are_refused_when_owners_bring_their_own_data():
     check_flower_runtime(build_config(overrides={"scenario": "user-data"}), owners_bring_data=True)  # fgrpo: fine
 
 
+@pytest.mark.slow
 def test_a_lying_supernode_is_screened_on_the_flower_simulation(tmp_path):
     """lying-owner on Flower: the last SuperNode's client sends an ordinary update with a fabricated report
     (10^6 prompts, the largest gain its range allows, spread 0); the server leaves it out of every round."""

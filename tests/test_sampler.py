@@ -1,5 +1,7 @@
 """Rollouts from a lower-precision sampler (rollout_precision) and the loss's correction for it."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,7 +161,7 @@ def test_every_kernel_choice_samples_what_the_default_kernels_sample(monkeypatch
         assert sum(isinstance(m, OnednnLinear) for m in model.modules()) == 4 * 2 + 1  # o, down; the head
 
 
-def test_the_skinny_kernel_is_the_plain_product_and_absent_where_it_cannot_be_built(monkeypatch):
+def test_the_skinny_kernel_is_the_plain_product_and_absent_where_it_cannot_be_built(monkeypatch, tmp_path):
     """``SkinnyLinear`` (fgrpo.skinny): x W^T + b for 1 to 12 rows (its loop up to 8, ``F.linear`` past it), a
     strided x, an odd width; where the extension is not there, no kernel choice offers it."""
     if not skinny.available(torch.float32):
@@ -173,10 +175,16 @@ def test_the_skinny_kernel_is_the_plain_product_and_absent_where_it_cannot_be_bu
     x = torch.randn(3, 74, generator=gen)[:, ::2]
     assert torch.allclose(skinny.SkinnyLinear(weight, None, torch.float32)(x), x @ weight.T, atol=1e-5)
     assert "skinny" not in kernels.candidates(torch.bfloat16)
-    monkeypatch.setattr(skinny, "_BUILT", {"error": "no compiler"})
-    assert "skinny" not in kernels.candidates(torch.float32) and skinny.problem() == "no compiler"
-    with pytest.raises(ValueError, match="no compiler"):
-        skinny.SkinnyLinear(weight, bias, torch.float32)
+    with pytest.raises(RuntimeError, match="dtype"):
+        layer(x.double())  # not float32: F.linear's error, nothing read as float32
+    monkeypatch.setenv("FGRPO_CACHE", str(tmp_path))  # nothing built there yet
+    for compiler, problem in (("no-such-c++", "no C++ compiler (no-such-c++)"), ("false", "the build failed")):
+        monkeypatch.setattr(skinny, "_BUILT", {})
+        monkeypatch.setenv("CXX", compiler)
+        assert "skinny" not in kernels.candidates(torch.float32) and skinny.problem().startswith(problem)
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            skinny.SkinnyLinear(weight, bias, torch.float32)
+    assert not list(tmp_path.rglob("*.so"))  # a failed build leaves nothing to load
 
 
 def test_a_fused_part_is_its_own_product_whatever_the_call_order():

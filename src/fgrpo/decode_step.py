@@ -87,8 +87,8 @@ class DecodeStep:
         lm = causal_lm(model)
         self.body, self.head = lm.model, lm.get_output_embeddings()
         self.layers = [(rms_norm(layer.input_layernorm), product(layer.self_attn, ("q_proj", "k_proj", "v_proj")),
-                        layer.self_attn.o_proj, rms_norm(layer.post_attention_layernorm),
-                        product(layer.mlp, ("gate_proj", "up_proj")), layer.mlp.down_proj)
+                        layer.self_attn.o_proj.forward, rms_norm(layer.post_attention_layernorm),
+                        product(layer.mlp, ("gate_proj", "up_proj")), layer.mlp.down_proj.forward)
                        for layer in self.body.layers]
         attn = self.body.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling

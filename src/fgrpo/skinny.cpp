@@ -1,9 +1,14 @@
 // y = x W^T + b for a few rows of x (fgrpo.skinny): each weight row is read from memory once, by AVX2 FMA.
 // Weight rows are split between torch's threads in blocks of BLOCK; each block stays in cache while every
 // group of up to 4 rows of x multiplies it, so W crosses the memory bus once whatever the row count.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+// A Python module with one function over raw pointers (fgrpo/skinny.py passes the tensors' addresses): it
+// includes no torch header, so it compiles in about a second, and a call costs well under a microsecond.
+// The threads are OpenMP's, the runtime torch itself runs on.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <cstdint>
 
 namespace {
 
@@ -35,37 +40,53 @@ inline void dot_rows(const float* x, int64_t ldx, const float* w, float b, float
 
 }  // namespace
 
-torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat, "skinny_linear: float32 only");
-  TORCH_CHECK(weight.is_contiguous() && x.size(-1) == weight.size(1), "skinny_linear: weight [out, in], contiguous");
-  const auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
-  const int64_t rows = x2.size(0), n = weight.size(1), out = weight.size(0);
-  auto y = torch::empty({rows, out}, x.options());
-  const float* xp = x2.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (out + BLOCK - 1) / BLOCK, 1, [&](int64_t first, int64_t last) {
-    for (int64_t o = first * BLOCK; o < std::min(out, last * BLOCK); o += BLOCK) {
-      const int64_t end = std::min(out, o + BLOCK);
-      for (int64_t r = 0; r < rows; r += 4) {
-        const float* xr = xp + r * n;
-        for (int64_t k = o; k < end; ++k) {
-          const float b = bp ? bp[k] : 0.f;
-          float* yr = yp + r * out + k;
-          switch (std::min<int64_t>(4, rows - r)) {
-            case 1: dot_rows<1>(xr, n, wp + k * n, b, yr, out, n); break;
-            case 2: dot_rows<2>(xr, n, wp + k * n, b, yr, out, n); break;
-            case 3: dot_rows<3>(xr, n, wp + k * n, b, yr, out, n); break;
-            default: dot_rows<4>(xr, n, wp + k * n, b, yr, out, n);
-          }
+// y[rows, out] = x[rows, n] W[out, n]^T (+ b[out] unless b is null), all contiguous float32.
+static void skinny_linear(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t n,
+                          int64_t out, int threads) {
+  const int64_t blocks = (out + BLOCK - 1) / BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t first = block * BLOCK, end = std::min(out, first + BLOCK);
+    for (int64_t r = 0; r < rows; r += 4) {
+      const float* xr = x + r * n;
+      for (int64_t k = first; k < end; ++k) {
+        const float bk = b ? b[k] : 0.f;
+        float* yr = y + r * out + k;
+        switch (std::min<int64_t>(4, rows - r)) {
+          case 1: dot_rows<1>(xr, n, w + k * n, bk, yr, out, n); break;
+          case 2: dot_rows<2>(xr, n, w + k * n, bk, yr, out, n); break;
+          case 3: dot_rows<3>(xr, n, w + k * n, bk, yr, out, n); break;
+          default: dot_rows<4>(xr, n, w + k * n, bk, yr, out, n);
         }
       }
     }
-  });
-  auto sizes = x.sizes().vec();
-  sizes.back() = out;
-  return y.view(sizes);
+  }
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("skinny_linear", &skinny_linear, "y = x W^T + b, few rows"); }
+// skinny_linear(x, w, b, y, rows, n, out, threads): addresses (b = 0: no bias) and sizes, all integers.
+static PyObject* py_skinny_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 8) {
+    PyErr_SetString(PyExc_TypeError, "skinny_linear(x, w, b, y, rows, n, out, threads) takes 8 integers");
+    return nullptr;
+  }
+  long long v[8];
+  for (int i = 0; i < 8; ++i) {
+    v[i] = PyLong_AsLongLong(args[i]);
+    if (v[i] == -1 && PyErr_Occurred()) return nullptr;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  skinny_linear(reinterpret_cast<const float*>(v[0]), reinterpret_cast<const float*>(v[1]),
+                reinterpret_cast<const float*>(v[2]), reinterpret_cast<float*>(v[3]), v[4], v[5], v[6],
+                static_cast<int>(v[7]));
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"skinny_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_skinny_linear)),
+     METH_FASTCALL, "y = x W^T + b for a few rows of x (addresses and sizes)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef module = {PyModuleDef_HEAD_INIT, "fgrpo_skinny", nullptr, -1, methods};
+
+PyMODINIT_FUNC PyInit_fgrpo_skinny(void) { return PyModule_Create(&module); }
