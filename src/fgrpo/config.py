@@ -175,8 +175,8 @@ class RunConfig:
                              "below its usual one; 'decline' = only a resolved decline (d_k < 0), not a smaller gain.")
     validation_size: int = _f(100, "gain = 'paired': prompts each owner holds out of its training data (never "
                               "trained on, never sent) and scores greedily before and after local training (100, "
-                              "embedded model, 5 local steps: 15-20% of an owner's local time, 36% for one with 16 "
-                              "prompts a round; SmolLM2 with 24: 36%; BENCHMARKS.md).")
+                              "embedded model, 5 local steps: 15-20% of an owner's local time, 26% of the round's "
+                              "under quantity-skew; SmolLM2 with 24: 36%; RESULTS.md).")
     # --- owners that cannot be trusted (docs/trust.md) ----------------------------------------------
     check_reports: bool = _f(True, "Check every client's report before weighing it (finite numbers, a prompt count "
                              "the server asked for, rewards and spreads consistent with the client's own reward "
