@@ -162,14 +162,15 @@ def test_every_kernel_choice_samples_what_the_default_kernels_sample(monkeypatch
 
 
 def test_the_skinny_kernel_is_the_plain_product_and_absent_where_it_cannot_be_built(monkeypatch, tmp_path):
-    """``SkinnyLinear`` (fgrpo.skinny): x W^T + b for 1 to 12 rows (its loop up to 8, ``F.linear`` past it), a
+    """``SkinnyLinear`` (fgrpo.skinny): x W^T + b for 1 to 20 rows (its loop up to
+    ``MAX_ROWS``, ``F.linear`` past it), a
     strided x, an odd width; where the extension is not there, no kernel choice offers it."""
     if not skinny.available(torch.float32):
         pytest.skip(f"the skinny kernel cannot be built here: {skinny.problem()}")
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(100, 37, generator=gen), torch.randn(100, generator=gen)
     layer = skinny.SkinnyLinear(weight, bias, torch.float32)
-    for rows in (1, 2, 3, 4, 5, 8, 9, 12):
+    for rows in (1, 2, 3, 4, 5, 8, 9, 12, 15, 16, 17, 20):
         x = torch.randn(rows, 1, 37, generator=gen)
         assert torch.allclose(layer(x), F.linear(x, weight, bias), atol=1e-5), rows
     x = torch.randn(3, 74, generator=gen)[:, ::2]

@@ -9,7 +9,7 @@ thread, torch's default float32 product (MKL) reads SmolLM2's LM head (49152 x 5
 - ``kernel``: how the adapted (LoRA) linear layers multiply: ``dense`` (``F.linear``, today's path),
   ``onednn`` (the weight reordered once into oneDNN's blocked layout, ``mkldnn._linear_pointwise``) or,
   in float32 where it could be built, ``skinny`` (``fgrpo.skinny``: a loop that streams each weight row
-  once, for up to 8 rows of x);
+  once, for up to ``SkinnyLinear.MAX_ROWS`` rows of x);
 - ``head``: the same for the frozen linear layers (the LM head), whose copies are made once;
 - ``fused``: q/k/v in one product and gate/up in one (fewer, larger matmuls: less per-call overhead).
 
@@ -275,7 +275,7 @@ def choose(shapes: Shapes, precision: str, rows: int, device: torch.device, cach
     timed = batch_rows(rows)
     spec = dict(cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(), precision=precision,
                 rows=timed, shapes=asdict(shapes), kernels=candidates(DTYPES[precision]),
-                skinny=skinny.build_id() if skinny.available(DTYPES[precision]) else None)
+                skinny=f"{skinny.build_id()}/{SkinnyLinear.MAX_ROWS}" if skinny.available(DTYPES[precision]) else None)
 
     def measured() -> tuple[dict, dict[str, float]]:
         choice, times = measure(shapes, precision, timed)

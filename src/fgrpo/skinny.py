@@ -4,9 +4,10 @@ With one row, a decode step reads every weight once, so its products are bound b
 2-core AMD EPYC (Zen 3, AVX2, no avx512) summing 1 GiB reads 27.9 GB/s, yet for SmolLM2-135M's one-row
 shapes torch's float32 paths read far less: MKL (``F.linear``) 11-15 GB/s, oneDNN's packed layout 12-25
 GB/s (all 211 products: 43.8 and 27.7 ms). ``skinny.cpp`` is the plain loop that streams each weight row once
-with AVX2 FMA over torch's threads: 18.5 ms there (about 29 GB/s), and level with oneDNN at 8 rows
-(``benchmarks/rollouts.py --decode-bound``). It is one candidate of ``fgrpo.kernels``, used only where the
-measurement there picks it.
+with AVX2 FMA over torch's threads: 18.5 ms there (about 29 GB/s). Each weight block stays in cache while
+every row multiplies it, so up to 16 rows still cost one pass over W: a whole SmolLM2 decode step there took
+78 ms at 16 rows against 98 with oneDNN, and 149-170 against 118 at 32 (``SkinnyLinear.MAX_ROWS``). It is
+one candidate of ``fgrpo.kernels``, used only where the measurement there picks it.
 
 The loop is compiled once per machine by the C++ compiler (``$CXX`` or ``c++``; about 2 s: it includes no
 torch header) into a Python module in the fgrpo cache folder, named by ``build_id()`` since it is built for
@@ -103,7 +104,7 @@ class SkinnyLinear(torch.nn.Module):
     """y = x W^T + b with W in float32: ``skinny_linear`` up to ``MAX_ROWS`` rows of x, ``F.linear`` beyond
     (inference only: no autograd)."""
 
-    MAX_ROWS = 8  # past this, the loop is slower than oneDNN or MKL (level at 8 rows on SmolLM2's shapes)
+    MAX_ROWS = 16  # past this, the loop is slower than oneDNN or MKL (SmolLM2's decode step, Zen 3: module docstring)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
